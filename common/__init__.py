@@ -1,0 +1,1 @@
+"""Helpers every command-line entry point shares: errors, progress, device choice."""

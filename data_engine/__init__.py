@@ -1,0 +1,1 @@
+"""Datasets to identity-grouped WebDataset shards, and shards to training batches."""

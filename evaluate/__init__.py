@@ -1,0 +1,1 @@
+"""Verification and identification benchmarks: IJB-B/C (faiss), LFW, CFP-FP, AgeDB."""

@@ -1,0 +1,1 @@
+"""Backbones, margins and the classification heads (AttFC, FC, Partial FC)."""

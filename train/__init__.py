@@ -1,0 +1,1 @@
+"""The single-GPU training loop."""
