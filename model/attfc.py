@@ -1,0 +1,168 @@
+"""AttFC head (DESIGN §4): attention loader (Eq. 8-9), Dynamic Class Container, masked loss
+(Alg. 1, Eq. 10-11) and the momentum class encoder (Eq. 12).
+
+Nothing here is N-sized: memory is the container (S×D), the class encoder and O(B·chunk).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.dcc_ce import masked_dcc_cross_entropy
+from model.head_output import HeadOutput
+from model.margins import CombinedMargin
+
+STRATEGIES = ("attention", "constant", "single")
+
+
+def attention_weights(f: torch.Tensor, K: torch.Tensor,  # noqa: N803 (paper's K)
+                      strategy: str = "attention") -> torch.Tensor:
+    """α [B, k] for f [B, D] and class features K [B, k, D].
+
+    attention: softmax_k(cos(f, K_j)) (Eq. 8); constant: 1/k (Table 4); single: all weight on
+    the first class image (DCQ-style, Table 4 "single image").
+    """
+    if strategy == "attention":
+        return torch.softmax(F.cosine_similarity(f[:, None, :], K, dim=-1), dim=1)
+    if strategy == "constant":
+        return K.new_full(K.shape[:2], 1.0 / K.shape[1])
+    if strategy == "single":
+        alpha = K.new_zeros(K.shape[:2])
+        alpha[:, 0] = 1.0
+        return alpha
+    raise ValueError(f"unknown GCC strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
+
+
+def generate_gcc(f: torch.Tensor, K: torch.Tensor,  # noqa: N803 (paper's K)
+                 strategy: str = "attention") -> torch.Tensor:
+    """Generative class centre w⁺ = Σ_j α_j K_j (Eq. 9) -> [B, D]; K is not normalised."""
+    return torch.einsum("bk,bkd->bd", attention_weights(f, K, strategy), K)
+
+
+def dcc_capacity(num_classes: int, sample_rate: float, batch_size: int) -> int:
+    """S = r·N rounded *down* to a multiple of B, at least B.
+
+    Rounding down reproduces the paper's W-sizes (Table 2: 93,431 ids, r=0.3, B=384 -> 27,648;
+    1,029,950 -> 308,736); a multiple of B means every push writes one contiguous block and the
+    oldest B entries are exactly the ones replaced.
+    """
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    return max(batch_size, int(sample_rate * num_classes) // batch_size * batch_size)
+
+
+class DynamicClassContainer(nn.Module):
+    """FIFO queue of S class centres with their labels (−1 = never written).
+
+    Buffers ``centers`` [S, D], ``labels`` [S] and ``ptr`` (next slot) are in ``state_dict()``
+    so a resumed run continues the same queue. Rows start random normal, scaled to unit length
+    (only directions matter for cos); the head pushes unit GCCs, so logits are plain dot products.
+    """
+
+    def __init__(self, capacity: int, dim: int, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if capacity < 1 or dim < 1:
+            raise ValueError(f"DCC needs capacity >= 1 and dim >= 1, got {capacity}, {dim}")
+        self.capacity = capacity
+        self.register_buffer("centers", F.normalize(torch.randn(capacity, dim), dim=1).to(dtype))
+        self.register_buffer("labels", torch.full((capacity,), -1, dtype=torch.long))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def push(self, centers: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Write n centres over the oldest n entries (FIFO, wrapping); return their slots [n].
+
+        Stays on the device (no host sync): the pointer is a tensor.
+        """
+        n = centers.shape[0]
+        if n > self.capacity:
+            raise ValueError(f"cannot push {n} centres into a DCC of capacity {self.capacity}")
+        slots = (self.ptr + torch.arange(n, device=self.ptr.device)) % self.capacity
+        self.centers.index_copy_(0, slots, centers.to(self.centers.dtype))
+        self.labels.index_copy_(0, slots, labels.to(self.labels.dtype))
+        self.ptr.copy_((self.ptr + n) % self.capacity)
+        return slots
+
+
+class AttFCHead(nn.Module):
+    """AttFC classification head; see DESIGN §4 for the pinned step.
+
+    Per step: K = C(class images) (no grad); w⁺ = GCC(f, K) detached and pushed into the DCC
+    *before* the logits, so each sample's own w⁺ is its positive (Alg. 1, Eq. 10); loss over
+    all S entries with same-label conflicts masked. ``after_optimizer_step`` applies Eq. 12 to
+    parameters and copies the feature encoder's buffers (BN running stats) into the class
+    encoder, so C in eval mode is consistent with its averaged weights.
+    """
+
+    needs_class_images = True
+
+    def __init__(self, feature_encoder: nn.Module, num_classes: int, embedding_size: int,
+                 batch_size: int, margin: CombinedMargin, sample_rate: float = 0.3, k: int = 2,
+                 momentum: float = 0.999, strategy: str = "attention",
+                 dcc_dtype: torch.dtype = torch.float32, chunk_size: int = 32768) -> None:
+        super().__init__()
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown GCC strategy {strategy!r}: expected one of "
+                             f"{', '.join(STRATEGIES)}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.class_encoder = copy.deepcopy(feature_encoder).requires_grad_(False)
+        self.dcc = DynamicClassContainer(dcc_capacity(num_classes, sample_rate, batch_size),
+                                         embedding_size, dtype=dcc_dtype)
+        self.margin = margin
+        self.k = k
+        self.momentum = momentum
+        self.strategy = strategy
+        self.chunk_size = chunk_size
+
+    def encode_classes(self, class_images: torch.Tensor) -> torch.Tensor:
+        """C(class images [B, k, 3, H, W]) -> K [B, k, D] fp32, without autograd.
+
+        The "single" strategy encodes only the first class image (k = 1).
+        """
+        if class_images.dim() != 5 or class_images.shape[1] != self.k:
+            raise ValueError(f"class_images must be [B, {self.k}, 3, H, W], "
+                             f"got {tuple(class_images.shape)}")
+        if self.strategy == "single":
+            class_images = class_images[:, :1]
+        batch, k = class_images.shape[:2]
+        with torch.no_grad():
+            K = self.class_encoder(class_images.flatten(0, 1))
+        return K.float().view(batch, k, -1)
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor,
+                class_images: torch.Tensor | None = None) -> HeadOutput:
+        if class_images is None:
+            raise ValueError("the attfc head needs class_images [B, k, 3, H, W]")
+        K = self.encode_classes(class_images)
+        f_unit = F.normalize(features.float(), dim=1)
+        with torch.no_grad():
+            alpha = attention_weights(f_unit, K, self.strategy)
+            gcc = torch.einsum("bk,bkd->bd", alpha, K)
+            slots = self.dcc.push(F.normalize(gcc, dim=1), labels)
+        positive_cos = (f_unit * self.dcc.centers[slots].float()).sum(dim=1)
+        loss, masked = masked_dcc_cross_entropy(
+            f_unit, self.margin(positive_cos), self.dcc.centers, self.dcc.labels, labels, slots,
+            self.margin.scale, self.chunk_size)
+        spread = (alpha.amax(dim=1) - alpha.amin(dim=1)).mean()
+        return HeadOutput(loss, {"attention_spread": spread, "masked_conflicts": masked})
+
+    @torch.no_grad()
+    def after_optimizer_step(self, feature_encoder: nn.Module) -> None:
+        """Eq. 12: θ_C ← γ·θ_C + (1−γ)·θ_F for every parameter; buffers are copied from F."""
+        c_params = list(self.class_encoder.parameters())
+        f_params = list(feature_encoder.parameters())
+        c_buffers = list(self.class_encoder.buffers())
+        f_buffers = list(feature_encoder.buffers())
+        if len(c_params) != len(f_params) or len(c_buffers) != len(f_buffers):
+            raise ValueError("feature_encoder does not match the class encoder's architecture")
+        torch._foreach_mul_(c_params, self.momentum)
+        torch._foreach_add_(c_params, [p.detach() for p in f_params], alpha=1.0 - self.momentum)
+        for c_buf, f_buf in zip(c_buffers, f_buffers):
+            c_buf.copy_(f_buf)

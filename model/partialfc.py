@@ -1,0 +1,60 @@
+"""Partial FC baseline on one GPU: every step uses all positive centres of the batch plus
+uniformly sampled negatives, r·N rows in total (An et al. 2022).
+
+W is one ``nn.Parameter``; the sampled rows are gathered with ``index_select`` so only they get
+a non-zero gradient. The gradient tensor is still dense [N, D], and SGD's weight decay and
+momentum still touch every row (as in insightface's Partial FC with a dense parameter).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.head_output import HeadOutput
+from model.margin_ce import margin_cross_entropy
+from model.margins import CombinedMargin
+
+
+class PartialFCHead(nn.Module):
+    """Margin softmax over a sampled subset of class centres (positives always kept)."""
+
+    needs_class_images = False
+
+    def __init__(self, num_classes: int, embedding_size: int, margin: CombinedMargin,
+                 sample_rate: float = 0.3) -> None:
+        super().__init__()
+        if not 0 < sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        self.weight = nn.Parameter(torch.normal(0.0, 0.01, (num_classes, embedding_size)))
+        self.margin = margin
+        self.num_sample = max(1, int(sample_rate * num_classes))
+
+    @torch.no_grad()
+    def sample(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sorted class ids to use [M] (M = max(r·N, #positives)) and each label's row in them.
+
+        Positives get score 2 and negatives U(0, 1), so top-M keeps every positive and fills
+        the rest uniformly at random (global torch RNG, saved by train's checkpoints).
+        """
+        num_classes = self.weight.shape[0]
+        if self.num_sample >= num_classes:
+            return torch.arange(num_classes, device=labels.device), labels
+        positives = torch.unique(labels)
+        score = torch.rand(num_classes, device=labels.device)
+        score[positives] = 2.0
+        count = max(self.num_sample, positives.numel())
+        index = torch.topk(score, count, sorted=False).indices.sort().values
+        return index, torch.searchsorted(index, labels)
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor,
+                class_images: torch.Tensor | None = None) -> HeadOutput:
+        index, local = self.sample(labels)
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            weight = F.normalize(self.weight.index_select(0, index), dim=1)
+            cos = F.linear(F.normalize(features.float(), dim=1), weight)
+            return HeadOutput(margin_cross_entropy(cos, local, self.margin))
+
+    def after_optimizer_step(self, feature_encoder: nn.Module) -> None:
+        """Nothing to do: W is trained by the optimizer."""
