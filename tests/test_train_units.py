@@ -1,0 +1,120 @@
+"""train's pieces that need no data: settings, checkpoints, schedule, prefetch, ONNX export."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from common.cli import UserError
+from train import checkpoint as ckpt
+from train.__main__ import build_parser
+from train.config import DEFAULTS, load_toml, resolve, to_toml
+from train.prefetch import Prefetcher
+from train.schedule import lr_at
+
+
+def _resolve(argv):
+    return resolve(build_parser().parse_args(argv))
+
+
+def test_config_precedence_defaults_toml_flags(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    toml = tmp_path / "run.toml"
+    toml.write_text(f'shards = "{shards}"\nlr = 0.02\nbatch-size = 64\nhead = "fc"\n')
+    config = _resolve(["--config", str(toml), "--lr", "0.5"])
+    assert config["lr"] == 0.5  # flag beats file
+    assert config["batch_size"] == 64 and config["head"] == "fc"  # file beats default
+    assert config["epochs"] == DEFAULTS["epochs"] == 5 and config["k"] == 2  # paper default
+    saved = tmp_path / "saved.toml"
+    saved.write_text(to_toml(config))
+    assert load_toml(saved) == config  # the saved effective config reads back unchanged
+
+
+@pytest.mark.parametrize("text, message", [
+    ("nope = 1\n", "unknown setting 'nope'"),
+    ('lr = "fast"\n', "expected float"),
+    ('head = "softmax"\n', "expected one of"),
+    ("lr = \n", "not valid TOML"),
+])
+def test_bad_toml_names_file_and_key(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=message) as error:
+        load_toml(path)
+    assert "bad.toml" in str(error.value)
+
+
+def test_checkpoint_roundtrip_keep_and_rng(tmp_path):
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    state = {"w": torch.randn(3), "rng": ckpt.rng_state(), "position": {"step": 1}}
+    expected = (torch.rand(2), np.random.rand(), random.random())
+    for step in (1, 2, 3, 4):
+        ckpt.save_checkpoint(tmp_path, step, state, keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-000000004.pt",
+                                                                  "step-000000003.pt"]
+    _, loaded = ckpt.latest_checkpoint(tmp_path)  # weights_only=True load
+    ckpt.set_rng_state(loaded["rng"])
+    assert torch.equal(torch.rand(2), expected[0])
+    assert np.random.rand() == expected[1] and random.random() == expected[2]
+
+
+def test_crash_mid_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    good = ckpt.save_checkpoint(tmp_path, 10, {"w": torch.ones(4)}, keep=3)
+
+    def dies_half_way(obj, file):
+        file.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt.torch, "save", dies_half_way)
+    with pytest.raises(OSError):
+        ckpt.save_checkpoint(tmp_path, 20, {"w": torch.zeros(4)}, keep=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [good.name]  # no temp left behind
+    path, state = ckpt.latest_checkpoint(tmp_path)
+    assert path == good and torch.equal(state["w"], torch.ones(4))
+
+
+def test_corrupt_newest_checkpoint_is_skipped(tmp_path):
+    ckpt.save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, keep=3)
+    (tmp_path / "step-000000002.pt").write_bytes(b"truncated")
+    path, _ = ckpt.latest_checkpoint(tmp_path)
+    assert path.name == "step-000000001.pt"
+
+
+def test_schedule_warmup_then_cosine():
+    lrs = [lr_at(s, total_steps=100, base_lr=0.1, warmup_steps=10) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.01) and lrs[9] == pytest.approx(0.1)
+    assert lrs[10] == pytest.approx(0.1) and lrs[55] == pytest.approx(0.05)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[9:])) and lrs[-1] < 1e-3
+    assert lr_at(0, total_steps=100, base_lr=0.1) == pytest.approx(0.1)  # no warmup
+
+
+def test_prefetcher_order_errors_and_early_exit():
+    with Prefetcher(range(50), depth=2) as items:
+        assert list(items) == list(range(50))
+
+    def broken():
+        yield 1
+        raise ValueError("bad shard")
+
+    with Prefetcher(broken()) as items, pytest.raises(ValueError, match="bad shard"):
+        list(items)
+    with Prefetcher(iter(range(10**9)), depth=2) as items:  # leaving early must not hang
+        assert next(iter(items)) == 0
+
+
+def test_onnx_export_matches_pytorch(tmp_path):
+    from model.backbones import get_model
+    from train.export import export_onnx, max_difference
+
+    torch.manual_seed(0)
+    backbone = get_model("mbf", embedding_size=64)
+    path = tmp_path / "model.onnx"
+    export_onnx(backbone, path)
+    assert max_difference(backbone, path, batch_sizes=(1, 3)) < 1e-4

@@ -1,0 +1,218 @@
+"""Training configuration: paper defaults < TOML file (``--config``) < command-line flags.
+
+One table (:data:`OPTIONS`) declares every setting once, so the flags, the TOML keys, the
+defaults shown in ``--help`` and the saved ``RUN/config.toml`` cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.cli import ArgumentParser, UserError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, published as tomli
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: its TOML key (the flag is ``--key-with-dashes``), default and help."""
+
+    key: str
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+    group: str = "training"
+
+
+# Defaults follow the paper's "Implementation details" (ResNet50, B=384, SGD 0.9 / 5e-4,
+# lr 0.1 cosine, D=512, ArcFace s=64 m=0.5, r=0.3, k=2, gamma=0.999, 5 epochs).
+OPTIONS: tuple[Option, ...] = (
+    Option("shards", "", "identity-grouped shards directory (python -m data_engine.shard); "
+           "required, except with --resume, which reads it from RUN/config.toml",
+           group="data"),
+    Option("output", "runs/latest", "run directory: checkpoints/, metrics.jsonl, model.pt",
+           group="data"),
+    Option("val", "", "directory of insightface .bin verification sets (lfw.bin, ...) to "
+           "validate on; empty: no validation", group="data"),
+    Option("backend", "auto", "loader backend", ("auto", "dali", "torch"), group="data"),
+    Option("workers", 0, "loader decode workers (0: the loader's choice)", group="data"),
+    Option("network", "r50", "feature encoder", ("r18", "r34", "r50", "r100", "r200", "mbf"),
+           group="model"),
+    Option("embedding_size", 512, "feature dimension D", group="model"),
+    Option("head", "attfc", "classification head", ("attfc", "fc", "partialfc"),
+           group="model"),
+    Option("sample_rate", 0.3, "attfc: DCC size ratio r (S = r*N); partialfc: sampling rate",
+           group="model"),
+    Option("k", 2, "attfc: class images per identity image", group="model"),
+    Option("gamma", 0.999, "attfc: class-encoder momentum (Eq. 12)", group="model"),
+    Option("strategy", "attention", "attfc: how class features make the class centre",
+           ("attention", "constant", "single"), group="model"),
+    Option("margin", "arcface", "margin loss", ("arcface", "cosface"), group="model"),
+    Option("margin_s", 64.0, "margin scale s", group="model"),
+    Option("margin_m", 0.5, "margin m (arcface: angular, 0.5; cosface: additive, usually "
+           "0.4)", group="model"),
+    Option("epochs", 5, "epochs; the cosine schedule spans all of them"),
+    Option("max_steps", 0, "stop after this global step (0: no limit); the schedule still "
+           "spans --epochs, so a stopped run resumes exactly"),
+    Option("batch_size", 384, "identity images per step B"),
+    Option("lr", 0.1, "peak learning rate"),
+    Option("min_lr", 0.0, "learning rate at the end of the cosine decay"),
+    Option("warmup_epochs", 0.0, "linear warmup length in epochs (may be fractional)"),
+    Option("momentum", 0.9, "SGD momentum"),
+    Option("weight_decay", 5e-4, "SGD weight decay"),
+    Option("seed", 0, "seed for weights, sample order and flips"),
+    Option("device", "auto", "training device: auto, cpu, cuda or cuda:N", group="speed"),
+    Option("precision", "auto", "autocast precision (auto: bf16 on CUDA, fp32 on CPU; fp16 "
+           "adds a grad scaler)", ("auto", "bf16", "fp16", "fp32"), group="speed"),
+    Option("compile", False, "torch.compile the feature encoder", group="speed"),
+    Option("prefetch", 2, "batches prepared ahead by a background thread", group="speed"),
+    Option("log_every", 50, "steps between log lines / metrics.jsonl records (the only "
+           "host-device syncs)", group="bookkeeping"),
+    Option("ckpt_every", 2000, "steps between checkpoints (also one at each epoch end)",
+           group="bookkeeping"),
+    Option("keep", 3, "how many recent checkpoints to keep", group="bookkeeping"),
+    Option("val_every", 0, "steps between validations (0: at each epoch end only)",
+           group="bookkeeping"),
+    Option("max_nonfinite", 5, "stop with an error after this many non-finite losses in a "
+           "row (checked at log steps; skipped steps leave the weights unchanged)",
+           group="bookkeeping"),
+    Option("tensorboard", True, "write TensorBoard scalars to RUN/tensorboard",
+           group="bookkeeping"),
+)
+DEFAULTS: dict[str, Any] = {o.key: o.default for o in OPTIONS}
+_BY_KEY = {o.key: o for o in OPTIONS}
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _parse_steps(text: str) -> tuple[int, int]:
+    """``"7"`` or ``"7-9"`` -> inclusive step range, for the NaN-injection test hook."""
+    try:
+        first, _, last = text.partition("-")
+        lo, hi = int(first), int(last or first)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected STEP or FIRST-LAST") from None
+    if not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 1 <= FIRST <= LAST")
+    return lo, hi
+
+
+def add_options(parser: ArgumentParser) -> None:
+    """Add one flag per option. Unset flags stay absent so a TOML value can win over the
+    default but never over a flag the user typed."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for option in OPTIONS:
+        group = groups.get(option.group) or groups.setdefault(
+            option.group, parser.add_argument_group(option.group))
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "dest": option.key}
+        if isinstance(option.default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = type(option.default)
+            kwargs["choices"] = option.choices
+            kwargs["metavar"] = option.key.upper() if option.choices is None else None
+        group.add_argument(_flag(option.key), help=f"{option.help} (default: "
+                           f"{_show(option.default)})", **kwargs)
+    parser.add_argument("--config", type=Path, metavar="FILE.toml",
+                        help="TOML file of settings (keys as the flags, '-' or '_'); flags "
+                        "override it")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue RUN (--output) from its latest valid checkpoint, with "
+                        "RUN/config.toml as the base settings")
+    parser.add_argument("--inject-nan-at-step", type=_parse_steps, metavar="STEP[-LAST]",
+                        help="testing only: make the loss NaN at these global steps to "
+                        "exercise the non-finite-loss handling")
+
+
+def _show(value: Any) -> str:
+    return "none" if value == "" else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """Read a settings file; unknown keys and wrong types are errors naming the file."""
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"--config {path}: no such file") from None
+    except tomllib.TOMLDecodeError as error:
+        raise UserError(f"--config {path}: not valid TOML: {error}") from None
+    values: dict[str, Any] = {}
+    for raw_key, value in raw.items():
+        key = raw_key.replace("-", "_")
+        option = _BY_KEY.get(key)
+        if option is None:
+            raise UserError(f"{path}: unknown setting {raw_key!r}")
+        values[key] = _coerce(option, value, f"{path}: {raw_key}")
+    return values
+
+
+def _coerce(option: Option, value: Any, where: str) -> Any:
+    want = type(option.default)
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not want:
+        raise UserError(f"{where} = {value!r}: expected {want.__name__}")
+    if option.choices is not None and value not in option.choices:
+        raise UserError(f"{where} = {value!r}: expected one of {', '.join(option.choices)}")
+    return value
+
+
+def resolve(args: argparse.Namespace) -> dict[str, Any]:
+    """Effective settings: defaults < RUN/config.toml (``--resume``) < ``--config`` < flags."""
+    flags = {key: getattr(args, key) for key in DEFAULTS if hasattr(args, key)}
+    config = dict(DEFAULTS)
+    if args.resume:
+        saved = Path(flags.get("output", DEFAULTS["output"])) / "config.toml"
+        if saved.is_file():
+            config.update(load_toml(saved))
+    if args.config is not None:
+        config.update(load_toml(args.config))
+    config.update(flags)
+    _check(config)
+    return config
+
+
+def _check(config: dict[str, Any]) -> None:
+    if not config["shards"]:
+        raise UserError("--shards is required (or 'shards' in --config)")
+    if not Path(config["shards"]).is_dir():
+        raise UserError(f"--shards {config['shards']}: not a directory")
+    if config["val"] and not Path(config["val"]).is_dir():
+        raise UserError(f"--val {config['val']}: not a directory")
+    for key in ("epochs", "batch_size", "k", "embedding_size", "log_every", "ckpt_every",
+                "keep", "prefetch", "max_nonfinite"):
+        if config[key] <= 0:
+            raise UserError(f"{_flag(key)} {config[key]}: must be > 0")
+    for key in ("max_steps", "workers", "val_every", "warmup_epochs", "min_lr"):
+        if config[key] < 0:
+            raise UserError(f"{_flag(key)} {config[key]}: must be >= 0")
+    if not 0.0 < config["sample_rate"] <= 1.0:
+        raise UserError(f"--sample-rate {config['sample_rate']}: must be in (0, 1]")
+    if not 0.0 <= config["gamma"] < 1.0:
+        raise UserError(f"--gamma {config['gamma']}: must be in [0, 1)")
+    if config["lr"] <= 0:
+        raise UserError(f"--lr {config['lr']}: must be > 0")
+
+
+def to_toml(config: dict[str, Any]) -> str:
+    """The effective settings as TOML that :func:`load_toml` reads back unchanged."""
+    lines = []
+    for key in DEFAULTS:
+        value = config[key]
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, str):
+            text = json.dumps(value)  # a JSON string is a valid TOML basic string
+        else:
+            text = repr(value)
+        lines.append(f"{key} = {text}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,87 @@
+"""``python -m train.export RUN/model.pt --onnx out.onnx``: the feature encoder as ONNX.
+
+The ONNX model takes float [N,3,112,112] RGB scaled to [-1, 1] (as insightface's ONNX
+models do) with a dynamic batch size and returns the [N,D] embedding. The export is checked
+against PyTorch with onnxruntime on random batches before the command reports success.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.cli import ArgumentParser, UserError, existing_file, run_cli, setup_logging
+
+log = logging.getLogger("train.export")
+
+INPUT, OUTPUT = "input", "embedding"
+
+
+def export_onnx(backbone: nn.Module, path: Path, *, opset: int = 17) -> None:
+    """Write ``backbone`` (put in eval mode) as ONNX with a dynamic batch dimension."""
+    backbone.eval()
+    example = torch.zeros(2, 3, 112, 112)
+    with warnings.catch_warnings():
+        # The TorchScript-based exporter is deprecated in favour of the dynamo one, which
+        # needs onnxscript; for a plain CNN both give the same graph.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(backbone, (example,), str(path), dynamo=False, opset_version=opset,
+                          input_names=[INPUT], output_names=[OUTPUT],
+                          dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
+
+
+@torch.inference_mode()
+def max_difference(backbone: nn.Module, path: Path, batch_sizes: Sequence[int] = (1, 5),
+                   seed: int = 0) -> float:
+    """Largest |onnxruntime - PyTorch| over random batches of the given sizes."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(seed)
+    backbone = backbone.eval().cpu()
+    worst = 0.0
+    for batch_size in batch_sizes:
+        x = torch.rand(batch_size, 3, 112, 112, generator=generator) * 2 - 1
+        expected = backbone(x).numpy()
+        (got,) = session.run([OUTPUT], {INPUT: x.numpy()})
+        worst = max(worst, float(np.abs(got - expected).max()))
+    return worst
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m train.export", description=__doc__)
+    parser.add_argument("model", type=existing_file, help="RUN/model.pt (or RUN/best.pt)")
+    parser.add_argument("--onnx", required=True, type=Path, help="ONNX file to write")
+    parser.add_argument("--network", help="backbone name (default: from model.json beside "
+                        "the model, else r50)")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    parser.add_argument("--atol", type=float, default=1e-4,
+                        help="largest allowed |ONNX - PyTorch| on the check batches")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    from evaluate.features import load_backbone
+
+    backbone = load_backbone(args.model, network=args.network, device="cpu")
+    args.onnx.parent.mkdir(parents=True, exist_ok=True)
+    export_onnx(backbone, args.onnx, opset=args.opset)
+    difference = max_difference(backbone, args.onnx)
+    if difference > args.atol:
+        raise UserError(f"{args.onnx}: outputs differ from PyTorch by {difference:.2e} "
+                        f"(> --atol {args.atol:g})")
+    print(f"wrote {args.onnx}: matches PyTorch within {difference:.2e} (onnxruntime, "
+          "batch sizes 1 and 5)")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli("train.export", main)
