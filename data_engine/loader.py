@@ -1,0 +1,214 @@
+"""``build_loader``: shards dir -> batches of (identity image, k class images, label).
+
+The epoch plan (:mod:`data_engine.sampler`) fixes every id and flip bit; a backend only
+reads and decodes. Both backends read bytes through :class:`ImageSource`, so they agree on
+which images are corrupt and on what replaces them with ``skip_bad``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from common.cli import UserError
+from data_engine.sampler import EpochPlan
+
+if TYPE_CHECKING:
+    import torch
+
+    from data_engine.reader import ShardReader
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "dali", "torch")
+
+
+class DataError(UserError):
+    """Shard data that cannot be decoded; the message names the shard file and byte offset."""
+
+
+@dataclass
+class Batch:
+    """One training step. Images are RGB uint8, already flipped, in channels-last memory.
+
+    Shapes are NCHW (``identity [B,3,112,112]``, ``classes [B,k,3,112,112]``) but the
+    storage is NHWC, as decoders write it: no transpose copy, and channels-last is the fast
+    layout for convolutions on GPU. ``classes.flatten(0, 1)`` is a free view.
+    """
+
+    identity: torch.Tensor
+    classes: torch.Tensor
+    labels: torch.Tensor
+    image_ids: torch.Tensor
+    class_image_ids: torch.Tensor
+
+
+class ImageSource:
+    """JPEG bytes by image id, checked before any decoder sees them.
+
+    Checks are cheap (full-length read, SOI marker, header parse with the expected size) so
+    truncated or overwritten shard data is caught the same way by every backend. A bad image
+    raises :class:`DataError`, or with ``skip_bad`` is replaced by the next good image of the
+    same identity (so the label stays right), or by a grey image if none is left.
+    Picklable: each process opens its own reader on first use.
+    """
+
+    def __init__(self, shards_dir: Path, image_size: int, skip_bad: bool) -> None:
+        self.shards_dir = Path(shards_dir)
+        self.image_size = image_size
+        self.skip_bad = skip_bad
+        self._reader: ShardReader | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_reader": None}
+
+    @property
+    def reader(self) -> ShardReader:
+        if self._reader is None:
+            from data_engine.reader import ShardReader
+
+            self._reader = ShardReader(self.shards_dir)
+        return self._reader
+
+    def where(self, image_id: int) -> str:
+        """Human-readable location of an image, for error messages."""
+        reader = self.reader
+        shard = reader.shard_paths[int(reader.image_shard[image_id])]
+        return (f"{shard} at byte offset {int(reader.image_offset[image_id])} "
+                f"(image id {image_id}, label {int(reader.image_labels[image_id])})")
+
+    def problem(self, image_id: int, data: bytes) -> str | None:
+        """Why ``data`` (read for ``image_id``) is unusable, or None when it looks fine."""
+        import simplejpeg
+
+        expected = int(self.reader.image_size[image_id])
+        if len(data) != expected:
+            return f"truncated: read {len(data)} of {expected} bytes"
+        if data[:2] != b"\xff\xd8":
+            return "not a JPEG (no start-of-image marker)"
+        try:
+            height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        except ValueError as error:
+            return f"corrupt JPEG header: {error}"
+        if (height, width) != (self.image_size, self.image_size):
+            return f"JPEG is {width}x{height}, expected {self.image_size}x{self.image_size}"
+        return None
+
+    def read(self, image_id: int) -> tuple[bytes, bool]:
+        """Checked bytes of ``image_id`` and whether they are a replacement."""
+        data = self._read_raw(image_id)
+        why = self.problem(image_id, data)
+        if why is None:
+            return data, False
+        return self.replace(image_id, why), True
+
+    def replace(self, image_id: int, why: str) -> bytes:
+        """The stand-in for a bad image, or DataError when ``skip_bad`` is off."""
+        if not self.skip_bad:
+            raise DataError(f"bad image in {self.where(image_id)}: {why}; "
+                            "rerun with --skip-bad to skip such images")
+        log.warning("skipping bad image in %s: %s", self.where(image_id), why)
+        reader = self.reader
+        label = int(reader.image_labels[image_id])
+        first, end = int(reader.identity_start[label]), int(reader.identity_start[label + 1])
+        for offset in range(1, end - first):
+            other = first + (image_id - first + offset) % (end - first)
+            data = self._read_raw(other)
+            if self.problem(other, data) is None:
+                return data
+        return _grey_jpeg(self.image_size)
+
+    def _read_raw(self, image_id: int) -> bytes:
+        try:
+            return self.reader.read_image(image_id)
+        except OSError as error:
+            raise DataError(f"cannot read {self.where(image_id)}: {error}") from error
+
+
+def _grey_jpeg(size: int) -> bytes:
+    import simplejpeg
+
+    return simplejpeg.encode_jpeg(np.full((size, size, 3), 128, np.uint8), quality=95)
+
+
+class Loader:
+    """Batches of one epoch from ``start_step``; iterate it again to replay the same steps."""
+
+    def __init__(self, plan: EpochPlan, source: ImageSource, *, start_step: int, backend: str,
+                 device: str, workers: int, num_classes: int) -> None:
+        self.plan = plan
+        self.source = source
+        self.start_step = start_step
+        self.backend = backend
+        self.device = device
+        self.workers = workers
+        self.num_classes = num_classes
+        self.num_images = plan.num_images
+        self.skipped = 0  # bad images replaced so far (skip_bad=True)
+        self._impl = None
+
+    def __len__(self) -> int:
+        """Steps per epoch (also when starting mid-epoch: steps run = len - start_step)."""
+        return len(self.plan)
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self._impl is None:
+            if self.backend == "dali":
+                from data_engine.decode_dali import DaliBatches
+
+                self._impl = DaliBatches(self.plan, self.source, device=self.device,
+                                         workers=self.workers)
+            else:
+                from data_engine.decode_torch import TorchBatches
+
+                self._impl = TorchBatches(self.plan, self.source, device=self.device,
+                                          workers=self.workers)
+        for batch, skipped in self._impl.run(self.start_step):
+            self.skipped += skipped
+            yield batch
+
+
+def resolve_backend(name: str) -> str:
+    """``auto`` -> dali when it imports, else torch; a named backend must be usable."""
+    if name not in BACKENDS:
+        raise UserError(f"backend {name!r}: expected one of {', '.join(BACKENDS)}")
+    if name == "torch":
+        return name
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError as error:
+        if name == "dali":
+            raise UserError(f"backend dali: cannot import nvidia.dali ({error}); "
+                            "install nvidia-dali-cuda120 or use backend torch") from error
+        return "torch"
+    return "dali"
+
+
+def build_loader(shards_dir: str | Path, batch_size: int, k: int, *, seed: int, epoch: int = 0,
+                 start_step: int = 0, backend: str = "auto", device: str = "auto",
+                 workers: int | None = None, drop_last: bool = True,
+                 skip_bad: bool = False) -> Loader:
+    """Loader for one epoch of (identity image, k class images, label) batches.
+
+    ``workers`` defaults to the CPU count (decode processes for torch, threads for DALI).
+    """
+    import os
+
+    from common.device import resolve_device
+    from data_engine.reader import ShardReader
+
+    reader = ShardReader(shards_dir)
+    plan = EpochPlan(reader.identity_start, batch_size, k, seed=seed, epoch=epoch,
+                     drop_last=drop_last)
+    if not 0 <= start_step <= len(plan):
+        raise UserError(f"start step {start_step} outside 0..{len(plan)} for this epoch")
+    image_size = int(reader.manifest.get("image_size", 112))
+    source = ImageSource(Path(shards_dir), image_size, skip_bad)
+    return Loader(plan, source, start_step=start_step, backend=resolve_backend(backend),
+                  device=resolve_device(device), workers=workers or os.cpu_count() or 1,
+                  num_classes=reader.num_identities)
