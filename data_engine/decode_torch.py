@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data_engine.loader import Batch, DataError, ImageSource
+from data_engine.loader import Batch, DataError, ImageSource, batch_from_pixels
 from data_engine.sampler import EpochPlan, StepPlan
 
 
@@ -51,13 +51,13 @@ class _StepDecoder(Dataset):
             for i, (image_id, flip) in enumerate(zip(ids.tolist(), flips.tolist())):
                 data, was_bad = self.source.read(image_id)
                 replaced += was_bad
-                replaced += _decode_into(out[i], scratch, data, flip, self.source, image_id)
+                replaced += decode_into(out[i], scratch, data, flip, self.source, image_id)
         except DataError as error:  # returned, not raised: DataLoader would wrap the message
             return step, pixels, replaced, str(error)
         return step, pixels, replaced, None
 
 
-def _decode_into(out: np.ndarray, scratch: np.ndarray, data: bytes, flip: bool,
+def decode_into(out: np.ndarray, scratch: np.ndarray, data: bytes, flip: bool,
                  source: ImageSource, image_id: int) -> int:
     """Decode one image into ``out`` (HWC), mirrored when ``flip``; 1 if it was replaced."""
     import simplejpeg
@@ -110,16 +110,4 @@ class TorchBatches:
         for step, pixels, replaced, error in loader:
             if error is not None:
                 raise DataError(error)
-            yield self._batch(step, pixels), replaced
-
-    def _batch(self, step: StepPlan, pixels: torch.Tensor) -> Batch:
-        batch_size, k = step.class_image_ids.shape
-        nchw = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-        return Batch(
-            identity=nchw[:batch_size],
-            classes=nchw[batch_size:].unflatten(0, (batch_size, k)),
-            labels=torch.from_numpy(step.labels).to(self.device, non_blocking=True),
-            image_ids=torch.from_numpy(step.image_ids).to(self.device, non_blocking=True),
-            class_image_ids=torch.from_numpy(step.class_image_ids).to(self.device,
-                                                                     non_blocking=True),
-        )
+            yield batch_from_pixels(step, pixels, self.device), replaced

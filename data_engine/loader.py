@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from common.cli import UserError
-from data_engine.sampler import EpochPlan
+from data_engine.sampler import EpochPlan, StepPlan
 
 if TYPE_CHECKING:
     import torch
@@ -46,6 +46,22 @@ class Batch:
     labels: torch.Tensor
     image_ids: torch.Tensor
     class_image_ids: torch.Tensor
+
+
+def batch_from_pixels(step: StepPlan, pixels: torch.Tensor, device: torch.device) -> Batch:
+    """Views of one step's decoded NHWC pixels (identity rows first) as a :class:`Batch`."""
+    import torch
+
+    batch_size, k = step.class_image_ids.shape
+    nchw = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2)
+
+    def ids(array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(device, non_blocking=True)
+
+    return Batch(identity=nchw[:batch_size],
+                 classes=nchw[batch_size:].unflatten(0, (batch_size, k)),
+                 labels=ids(step.labels), image_ids=ids(step.image_ids),
+                 class_image_ids=ids(step.class_image_ids))
 
 
 class ImageSource:

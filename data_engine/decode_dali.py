@@ -1,0 +1,120 @@
+"""DALI backend: one pipeline decodes all (k+1)·B JPEGs of a step, on the GPU when there is one.
+
+The main thread feeds the encoded bytes of a whole step through ``fn.external_source`` in
+batch mode (a pread per image, ~10 µs); DALI's own threads or the GPU decoder do the heavy
+part, and the pipeline prefetches the next steps while the model trains. Flip bits come
+from the epoch plan as a second external source, so both backends flip the same images.
+A step whose JPEG only fails inside DALI's decoder (entropy-coded data damaged, header
+intact) is decoded again on the CPU with simplejpeg to name the image, then raised or,
+with ``skip_bad``, replaced exactly as the torch backend replaces it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import feed_ndarray
+
+from data_engine.decode_torch import decode_into
+from data_engine.loader import Batch, ImageSource, batch_from_pixels
+from data_engine.sampler import EpochPlan, StepPlan
+
+
+class _Feeder:
+    """External-source callable: encoded bytes + flip bits of the next step, in plan order."""
+
+    def __init__(self, plan: EpochPlan, source: ImageSource, start_step: int) -> None:
+        self.source = source
+        self.steps = plan.steps(start_step)
+        self.pending: deque[tuple[StepPlan, list[np.ndarray], int]] = deque()
+
+    def __call__(self) -> tuple[list[np.ndarray], np.ndarray]:
+        step = next(self.steps)  # StopIteration here is DALI's end-of-epoch signal
+        data = []
+        replaced = 0
+        for image_id in step.all_image_ids.tolist():
+            raw, was_bad = self.source.read(image_id)
+            replaced += was_bad
+            data.append(np.frombuffer(raw, np.uint8))
+        self.pending.append((step, data, replaced))
+        return data, step.all_flips.astype(np.int32)
+
+
+class DaliBatches:
+    """Builds the pipeline per pass and turns each output into a :class:`Batch`."""
+
+    def __init__(self, plan: EpochPlan, source: ImageSource, *, device: str,
+                 workers: int) -> None:
+        self.plan = plan
+        self.source = source
+        self.device = torch.device(device)
+        self.workers = workers
+
+    def run(self, start_step: int) -> Iterator[tuple[Batch, int]]:
+        """(batch, images replaced in it) for each step from ``start_step``."""
+        feeder = _Feeder(self.plan, self.source, start_step)
+        pipe = self._pipeline(feeder)
+        while True:
+            try:
+                (images,) = pipe.run()
+            except StopIteration:
+                return
+            except RuntimeError as error:  # the decoder rejected bytes that passed the checks
+                step, data, replaced = feeder.pending.popleft()
+                pixels, extra = _decode_on_cpu(step, data, self.source, error)
+                yield batch_from_pixels(step, pixels, self.device), replaced + extra
+                continue
+            step, _, replaced = feeder.pending.popleft()
+            yield batch_from_pixels(step, self._to_torch(images), self.device), replaced
+
+    def _pipeline(self, feeder: _Feeder):
+        size = self.source.image_size
+        gpu = self.device.type == "cuda"
+        device_id = (self.device.index if self.device.index is not None
+                     else torch.cuda.current_device()) if gpu else None
+
+        @pipeline_def(batch_size=(self.plan.k + 1) * self.plan.batch_size,
+                      num_threads=self.workers, device_id=device_id, prefetch_queue_depth=2,
+                      exec_dynamic=True)
+        def decode_steps():
+            jpegs, flips = fn.external_source(source=feeder, num_outputs=2, batch=True,
+                                              dtype=[types.UINT8, types.INT32])
+            if gpu:
+                images = fn.decoders.image(jpegs, device="mixed", output_type=types.RGB,
+                                           hw_decoder_load=0.9, preallocate_width_hint=size,
+                                           preallocate_height_hint=size)
+            else:
+                images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+            return fn.flip(images, horizontal=flips)
+
+        pipe = decode_steps()
+        pipe.build()
+        return pipe
+
+    def _to_torch(self, images) -> torch.Tensor:
+        """Copy DALI's output (its buffers are reused) into a fresh NHWC uint8 tensor."""
+        size = self.source.image_size
+        out = torch.empty((len(images), size, size, 3), dtype=torch.uint8, device=self.device)
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        feed_ndarray(images.as_tensor(), out, cuda_stream=stream)
+        return out
+
+
+def _decode_on_cpu(step: StepPlan, data: list[np.ndarray], source: ImageSource,
+                   error: RuntimeError) -> tuple[torch.Tensor, int]:
+    """Decode a step DALI failed on with simplejpeg: names (or replaces) the bad image."""
+    size = source.image_size
+    pixels = torch.empty((len(data), size, size, 3), dtype=torch.uint8)
+    out = pixels.numpy()
+    scratch = np.empty((size, size * 3), np.uint8)
+    replaced = 0
+    for i, (image_id, flip) in enumerate(zip(step.all_image_ids.tolist(),
+                                             step.all_flips.tolist())):
+        replaced += decode_into(out[i], scratch, data[i].tobytes(), flip, source, image_id)
+    if not replaced:  # simplejpeg decodes every image: not a data problem, keep DALI's error
+        raise error
+    return pixels, replaced
