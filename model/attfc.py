@@ -148,7 +148,7 @@ class AttFCHead(nn.Module):
             slots = self.dcc.push(F.normalize(gcc, dim=1), labels)
         positive_cos = (f_unit * self.dcc.centers[slots].float()).sum(dim=1)
         loss, masked = masked_dcc_cross_entropy(
-            f_unit, self.margin(positive_cos), self.dcc.centers, self.dcc.labels, labels, slots,
+            f_unit, self.margin(positive_cos), self.dcc.centers, self.dcc.labels, labels,
             self.margin.scale, self.chunk_size)
         spread = (alpha.amax(dim=1) - alpha.amin(dim=1)).mean()
         return HeadOutput(loss, {"attention_spread": spread, "masked_conflicts": masked})
@@ -162,7 +162,9 @@ class AttFCHead(nn.Module):
         f_buffers = list(feature_encoder.buffers())
         if len(c_params) != len(f_params) or len(c_buffers) != len(f_buffers):
             raise ValueError("feature_encoder does not match the class encoder's architecture")
-        torch._foreach_mul_(c_params, self.momentum)
-        torch._foreach_add_(c_params, [p.detach() for p in f_params], alpha=1.0 - self.momentum)
+        if c_params:
+            torch._foreach_mul_(c_params, self.momentum)
+            torch._foreach_add_(c_params, [p.detach() for p in f_params],
+                                alpha=1.0 - self.momentum)
         for c_buf, f_buf in zip(c_buffers, f_buffers):
             c_buf.copy_(f_buf)

@@ -13,25 +13,24 @@ import torch
 
 
 def _chunk_negative_logits(f_unit: torch.Tensor, block: torch.Tensor, block_labels: torch.Tensor,
-                           labels: torch.Tensor, slots: torch.Tensor, start: int,
-                           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """s·cos for one chunk with the own w⁺ column and same-label conflicts set to −inf.
+                           labels: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """s·cos for one chunk with every entry of the sample's own label set to −inf.
 
-    Returns the logits [B, c] and the number of conflict entries masked (Alg. 1).
+    That mask covers the conflicts w_cft⁺ (Alg. 1) *and* the sample's own w⁺ slot (its label
+    was just written there), which enters the softmax separately as the margin logit. Returns
+    the logits [B, c] and how many entries were masked (own slots included).
     """
     logits = torch.mm(f_unit, block.t()).mul_(scale)
-    columns = torch.arange(start, start + block.shape[0], device=f_unit.device)
-    own = slots[:, None] == columns[None, :]
-    conflict = (block_labels[None, :] == labels[:, None]) & ~own
-    logits.masked_fill_(conflict | own, float("-inf"))
-    return logits, conflict.sum()
+    same_label = block_labels[None, :] == labels[:, None]
+    logits.masked_fill_(same_label, float("-inf"))
+    return logits, torch.count_nonzero(same_label)
 
 
 class _MaskedDccCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, f_unit: torch.Tensor, positive_logit: torch.Tensor, centers: torch.Tensor,
-                center_labels: torch.Tensor, labels: torch.Tensor, slots: torch.Tensor,
-                scale: float, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                center_labels: torch.Tensor, labels: torch.Tensor, scale: float,
+                chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         batch = f_unit.shape[0]
         with torch.autocast(device_type=f_unit.device.type, enabled=False):
@@ -43,10 +42,9 @@ class _MaskedDccCrossEntropy(torch.autograd.Function):
             masked = torch.zeros((), dtype=torch.long, device=f_unit.device)
             for start in range(0, centers.shape[0], chunk_size):
                 block = centers[start:start + chunk_size].float()
-                logits, conflicts = _chunk_negative_logits(
-                    f_unit, block, center_labels[start:start + chunk_size], labels, slots,
-                    start, scale)
-                masked += conflicts
+                logits, same = _chunk_negative_logits(
+                    f_unit, block, center_labels[start:start + chunk_size], labels, scale)
+                masked += same
                 new_max = torch.maximum(run_max, logits.amax(dim=1))
                 shift = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
                 rescale = torch.exp(run_max - shift)
@@ -63,27 +61,29 @@ class _MaskedDccCrossEntropy(torch.autograd.Function):
                 grad_f = weighted.mul_((torch.exp(run_max - lse) * scale / batch)[:, None])
                 grad_positive = (torch.exp(positive_logit - lse) - 1.0) / batch
                 ctx.save_for_backward(grad_f, grad_positive)
+            masked -= batch  # every sample's own w⁺ slot is not a conflict
         ctx.mark_non_differentiable(masked)
         return loss, masked
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_masked: torch.Tensor):
         grad_f, grad_positive = ctx.saved_tensors
-        return grad_f * grad_loss, grad_positive * grad_loss, None, None, None, None, None, None
+        return grad_f * grad_loss, grad_positive * grad_loss, None, None, None, None, None
 
 
 def masked_dcc_cross_entropy(f_unit: torch.Tensor, positive_logit: torch.Tensor,
                              centers: torch.Tensor, center_labels: torch.Tensor,
-                             labels: torch.Tensor, slots: torch.Tensor, scale: float,
+                             labels: torch.Tensor, scale: float,
                              chunk_size: int = 32768) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 10 over all S container entries; returns (mean loss, number of masked conflicts).
 
     f_unit [B, D]: unit identity features; positive_logit [B]: margin logit s·ψ(θ) of each
-    sample's own w⁺ at ``slots`` [B]; centers [S, D] unit rows in any float dtype (the math is
-    fp32); center_labels [S] (−1 = empty); labels [B]. Negatives are s·cos(f_i, w_j) for every
-    j ≠ slots[i] whose label differs from labels[i]; same-label entries are masked (Alg. 1).
+    sample's own w⁺, which must already be in the container with label labels[i] (push before
+    the loss); centers [S, D] unit rows in any float dtype (the math is fp32); center_labels
+    [S] (−1 = empty); labels [B]. Negatives are s·cos(f_i, w_j) for every j whose label differs
+    from labels[i]; same-label entries other than the own w⁺ are the masked conflicts (Alg. 1).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     return _MaskedDccCrossEntropy.apply(f_unit, positive_logit, centers, center_labels, labels,
-                                        slots, float(scale), int(chunk_size))
+                                        float(scale), int(chunk_size))
