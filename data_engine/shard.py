@@ -1,27 +1,191 @@
-"""``python -m data_engine.shard``: turn a face dataset into identity-grouped shards."""
+"""Turn a face dataset into identity-grouped WebDataset shards (DESIGN.md §2).
+
+One sample per identity (key = label as 8 digits; 0000.jpg, 0001.jpg, ..., cls, json), labels
+0..N-1 in sorted identity-name order. Valid 112x112 JPEGs are stored byte for byte; other
+images are converted or rejected (--on-mismatch); every file not stored is listed in
+rejected.tsv. Reruns resume: finished shards are verified and kept.
+
+examples:
+  python -m data_engine.shard --src webface21m --root /data/WebFace42M --out /data/wf21m
+  python -m data_engine.shard --src ms1mv3 --root /data/ms1m-retinaface-t1 --out /data/ms1mv3
+  python -m data_engine.shard --src folder --root /data/my_faces --out shards --verify full
+  python -m data_engine.shard --src synthetic --identities 1000 --images-per-identity 20 \\
+      --seed 0 --out /tmp/synth
+"""
 
 from __future__ import annotations
 
+import argparse
+import logging
+import multiprocessing as mp
+import os
+import re
+import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-from common.cli import ArgumentParser, UserError, existing_dir, run_cli, setup_logging
+from common.cli import ArgumentParser, existing_dir, positive_int, run_cli, setup_logging
+from common.progress import Progress
+from data_engine import manifest
+from data_engine.images import IMAGE_SIZE, ON_MISMATCH, VERIFY_LEVELS
+from data_engine.plan import ShardPlan, plan_shards
+from data_engine.shardwriter import (
+    Meta,
+    WriteOptions,
+    finished_meta,
+    init_worker,
+    relabel_shard,
+    write_shard,
+)
+from data_engine.sources import SOURCES, Scan, Source, build_source
 
-SOURCES = ("webface4m", "webface8m", "webface12m", "webface21m", "webface42m",
-           "folder", "rec", "ms1mv3", "synthetic")
+log = logging.getLogger("data_engine.shard")
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def byte_size(value: str) -> int:
+    """argparse ``type=`` for sizes such as 1G, 500M, 65536 (binary units)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", value.lower())
+    if not match:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a size (e.g. 1G, 500M, 65536)")
+    size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be > 0")
+    return size
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m data_engine.shard", description=__doc__)
-    parser.add_argument("--src", required=True, choices=SOURCES, help="dataset kind")
+    parser = ArgumentParser(prog="python -m data_engine.shard", description=__doc__,
+                            formatter_class=_HelpFormatter)
+    parser.add_argument("--src", required=True, choices=SOURCES,
+                        help="dataset layout: webface4m..webface42m (WebFace42M root with "
+                             "parts 0..9), folder (root/<identity>/<image>), rec or ms1mv3 "
+                             "(insightface train.rec + train.idx), synthetic (generated)")
     parser.add_argument("--root", type=existing_dir, help="dataset root (not for synthetic)")
-    parser.add_argument("--out", required=True, help="output shards directory")
+    parser.add_argument("--out", required=True, type=Path, help="output shards directory")
+    parser.add_argument("--shard-size", type=byte_size, default="1G",
+                        help="target shard size; an identity never spans two shards")
+    parser.add_argument("--verify", choices=VERIFY_LEVELS, default="header",
+                        help="JPEG check: none = parse the header for the size only; header "
+                             "= also require the end-of-image marker (catches truncation); "
+                             "full = also decode every image")
+    parser.add_argument("--on-mismatch", choices=ON_MISMATCH, default="resize",
+                        help=f"images that are not {IMAGE_SIZE}x{IMAGE_SIZE} colour JPEGs "
+                             f"(PNG, grey, CMYK, other sizes): convert to a {IMAGE_SIZE}x"
+                             f"{IMAGE_SIZE} JPEG, or list them in rejected.tsv")
+    parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
+                        help="worker processes (the output does not depend on it)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the shards in a non-empty --out holding another dataset")
+    synthetic = parser.add_argument_group("synthetic source")
+    synthetic.add_argument("--identities", type=positive_int, default=1000)
+    synthetic.add_argument("--images-per-identity", type=positive_int, default=20)
+    synthetic.add_argument("--seed", type=int, default=0)
     return parser
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
+                     argparse.RawDescriptionHelpFormatter):
+    """Defaults in the flag help, and the examples in the description kept as written."""
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"format_version": manifest.FORMAT_VERSION, "image_size": IMAGE_SIZE,
+            "shard_size": args.shard_size, "verify": args.verify,
+            "on_mismatch": args.on_mismatch}
+
+
+def _pool_context() -> mp.context.BaseContext:
+    # fork starts workers in milliseconds; data_engine holds no threads or GPU state.
+    methods = mp.get_all_start_methods()
+    return mp.get_context("fork" if "fork" in methods else "spawn")
+
+
+def _scan(source: Source, workers: int) -> Scan:
+    started = time.monotonic()
+    with _pool_context().Pool(workers, initializer=init_worker,
+                              initargs=(None, None, None)) as pool:
+        scan = source.scan(lambda fn, items: pool.imap(fn, items))
+    log.info("scanned %d identities, %d files in %.1fs (%d empty, %d unusable entries)",
+             len(scan.identities), sum(i.num_files for i in scan.identities),
+             time.monotonic() - started, len(scan.empty), len(scan.rejected))
+    return scan
+
+
+def _write(source: Source, scan: Scan, plans: list[ShardPlan], out: Path,
+           args: argparse.Namespace) -> list[Meta]:
+    """Verify finished shards, write the missing ones in parallel; sidecars in plan order."""
+    context = _pool_context()
+    counter = context.Value("q", 0)
+    options = WriteOptions(out, args.verify, args.on_mismatch)
+    metas: list[Meta | None] = [None] * len(plans)
+    with context.Pool(args.workers, initializer=init_worker,
+                      initargs=(source, options, counter)) as pool:
+        existing = [plan for plan in plans if manifest.meta_exists(out, plan.name)]
+        for plan, meta in zip(existing, pool.imap(finished_meta,
+                                                  [(out, plan) for plan in existing])):
+            metas[plan.index] = meta
+        todo = [plan for plan in plans if metas[plan.index] is None]
+        log.info("%d shards planned, %d already done, %d to write",
+                 len(plans), len(plans) - len(todo), len(todo))
+        if todo:
+            (out / manifest.MANIFEST).unlink(missing_ok=True)  # incomplete until rewritten
+        jobs = [(plan, scan.identities[plan.first:plan.stop]) for plan in todo]
+        results = pool.imap_unordered(write_shard, jobs)
+        with Progress(sum(plan.num_files for plan in todo), "sharding", unit="img") as bar:
+            done = 0
+            while done < len(jobs):
+                try:
+                    meta = results.next(timeout=0.5)
+                except mp.TimeoutError:
+                    meta = None
+                bar.update(counter.value - bar.count)
+                if meta is not None:
+                    done += 1
+                    metas[meta["index"]] = meta
+                    bar.set_postfix(f"{done}/{len(jobs)} shards")
+    return _fix_labels([meta for meta in metas if meta is not None], out)
+
+
+def _fix_labels(metas: list[Meta], out: Path) -> list[Meta]:
+    """Keep labels contiguous when identities were dropped after planning (all rejected)."""
+    fixed, base = [], 0
+    for meta in metas:
+        if meta["label_base"] != base:
+            log.info("relabelling %s from %d (earlier identities were dropped)",
+                     meta["name"], base)
+            meta = relabel_shard(meta, out, base)
+        fixed.append(meta)
+        base += len(meta["samples"])
+    return fixed
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    raise UserError("sharding is not built yet (issue 3)")
+    source = build_source(args)
+    options = _options(args)
+    run = {"source": source.describe(), "options": options,
+           "fingerprint": manifest.fingerprint(source.describe(), options)}
+    out = args.out
+    manifest.open_out_dir(out, run, args.overwrite)
+    started = time.monotonic()
+    try:
+        scan = _scan(source, args.workers)
+        plans = plan_shards(scan.identities, args.shard_size, run["fingerprint"])
+        manifest.remove_stale_shards(out, {plan.name for plan in plans})
+        metas = _write(source, scan, plans, out, args)
+        result = manifest.write_outputs(out, run, scan, metas)
+    finally:
+        manifest.remove_temp_files(out)
+    elapsed = time.monotonic() - started
+    log.info("wrote %d identities, %d images in %d shards to %s in %.1fs (%.0f img/s); "
+             "%d converted, %d rejected (rejected.tsv), %d identities dropped",
+             result["num_identities"], result["num_images"], len(result["shards"]), out,
+             elapsed, result["num_images"] / max(elapsed, 1e-9), result["num_converted"],
+             result["num_rejected"], len(result["dropped_identities"]))
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,184 @@
+"""The shards dir around the tars: what dataset it holds, and the files readers use.
+
+`parts/run.json` records the dataset (source + options) from the first moment, so a rerun
+can tell "resume the same job" from "you pointed --out at something else". manifest.json is
+written last and is the sign that the directory is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.cli import UserError
+from data_engine.images import IMAGE_SIZE
+from data_engine.shardwriter import PARTS_DIR, TEMP_SUFFIX, Meta, meta_path, write_json
+from data_engine.sources import Scan
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+INDEX = "index.npz"
+IDENTITIES = "identities.txt"
+REJECTED = "rejected.tsv"
+RUN = "run.json"
+_OUR_FILES = (MANIFEST, INDEX, IDENTITIES, REJECTED)
+
+
+def fingerprint(source: dict[str, Any], options: dict[str, Any]) -> str:
+    """Hash of everything that changes the output (not --workers, which never does)."""
+    text = json.dumps({"source": source, "options": options}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _recorded(out: Path) -> dict[str, Any] | None:
+    for path in (out / PARTS_DIR / RUN, out / MANIFEST):
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _differences(recorded: dict[str, Any], run: dict[str, Any]) -> str:
+    old = {**recorded.get("source", {}), **recorded.get("options", {})}
+    new = {**run["source"], **run["options"]}
+    changed = [f"{key}: {old.get(key)} -> {new.get(key)}" for key in sorted(new)
+               if old.get(key) != new.get(key)]
+    return "; ".join(changed) or "different dataset"
+
+
+def shard_files(out: Path) -> list[Path]:
+    return sorted(out.glob("shard-*.tar"))
+
+
+def meta_exists(out: Path, shard: str) -> bool:
+    return meta_path(out, shard).is_file()
+
+
+def remove_stale_shards(out: Path, keep: set[str]) -> None:
+    """Shards a previous plan had and this one does not (the source shrank)."""
+    for path in shard_files(out):
+        if path.name not in keep:
+            path.unlink()
+            meta_path(out, path.name).unlink(missing_ok=True)
+
+
+def remove_outputs(out: Path) -> None:
+    """Delete what this tool writes (nothing else) from `out`."""
+    for path in [*shard_files(out), *out.glob(f".*{TEMP_SUFFIX}"),
+                 *(out / name for name in _OUR_FILES)]:
+        path.unlink(missing_ok=True)
+    shutil.rmtree(out / PARTS_DIR, ignore_errors=True)
+
+
+def open_out_dir(out: Path, run: dict[str, Any], overwrite: bool) -> None:
+    """Create `out` or accept it for resuming `run`; refuse a different dataset's files."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"--out {out}: cannot create it ({error.strerror})") from None
+    if not out.is_dir():
+        raise UserError(f"--out {out}: not a directory")
+    if any(out.iterdir()):
+        recorded = _recorded(out)
+        if recorded is None or recorded.get("fingerprint") != run["fingerprint"]:
+            if not overwrite:
+                what = (_differences(recorded, run) if recorded
+                        else "files not written by data_engine.shard")
+                raise UserError(f"--out {out} is not empty and holds a different dataset "
+                                f"({what}); pass --overwrite to replace it")
+            try:
+                remove_outputs(out)
+            except OSError as error:
+                raise UserError(f"--out {out}: cannot clear it ({error.strerror})") from None
+    try:
+        (out / PARTS_DIR).mkdir(exist_ok=True)
+        write_json(out / PARTS_DIR / RUN, run)
+        remove_temp_files(out)  # left by a killed run
+    except OSError as error:
+        raise UserError(f"--out {out}: not writable ({error.strerror})") from None
+
+
+def remove_temp_files(out: Path) -> None:
+    for folder in (out, out / PARTS_DIR):
+        for path in folder.glob(f".*{TEMP_SUFFIX}"):
+            path.unlink(missing_ok=True)
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """np.savez with a fixed timestamp, so the index is byte-identical between runs."""
+    temp = path.with_name(f".{path.name}{TEMP_SUFFIX}")
+    with zipfile.ZipFile(temp, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            buffer = io.BytesIO()
+            np.lib.format.write_array(buffer, np.ascontiguousarray(array), allow_pickle=False)
+            archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)),
+                             buffer.getvalue())
+    temp.replace(path)
+
+
+def _tsv_field(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    temp = path.with_name(f".{path.name}{TEMP_SUFFIX}")
+    temp.write_text(text, encoding="utf-8", errors="surrogateescape")
+    temp.replace(path)
+
+
+def write_outputs(out: Path, run: dict[str, Any], scan: Scan, metas: list[Meta]) -> dict:
+    """identities.txt, index.npz, rejected.tsv, then manifest.json (the completion mark)."""
+    names: list[str] = []
+    counts: list[int] = []
+    shard_of, offsets, sizes = [], [], []
+    rejected = list(scan.rejected)
+    dropped = [{"name": name, "reason": "no files"} for name in scan.empty]
+    for shard_index, meta in enumerate(metas):
+        for identity, _, image_offsets, image_sizes in meta["samples"]:
+            names.append(identity)
+            counts.append(len(image_offsets))
+            shard_of.append(np.full(len(image_offsets), shard_index, dtype=np.int32))
+            offsets.append(image_offsets)
+            sizes.append(image_sizes)
+        rejected += [tuple(row) for row in meta["rejected"]]
+        dropped += [{"name": name, "reason": reason} for name, reason in meta["dropped"]]
+    identity_start = np.zeros(len(names) + 1, dtype=np.int64)
+    np.cumsum(counts, out=identity_start[1:])
+    _save_npz(out / INDEX, {
+        "identity_start": identity_start,
+        "image_shard": np.concatenate(shard_of) if shard_of else np.zeros(0, np.int32),
+        "image_offset": np.array([o for group in offsets for o in group], dtype=np.int64),
+        "image_size": np.array([s for group in sizes for s in group], dtype=np.int64),
+    })
+    _write_text(out / IDENTITIES, "".join(f"{name}\n" for name in names))
+    _write_text(out / REJECTED, "path\treason\n" + "".join(
+        f"{_tsv_field(path)}\t{_tsv_field(reason)}\n" for path, reason in rejected))
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "source": run["source"]["kind"],
+        "source_info": run["source"],
+        "options": run["options"],
+        "fingerprint": run["fingerprint"],
+        "num_identities": len(names),
+        "num_images": int(identity_start[-1]),
+        "num_rejected": len(rejected),
+        "num_converted": sum(meta["num_converted"] for meta in metas),
+        "dropped_identities": dropped,
+        "image_size": [IMAGE_SIZE, IMAGE_SIZE],
+        "files": {"index": INDEX, "identities": IDENTITIES, "rejected": REJECTED},
+        "shards": [{"name": meta["name"], "num_identities": len(meta["samples"]),
+                    "num_images": sum(len(s[2]) for s in meta["samples"]),
+                    "bytes": meta["bytes"], "sha256": meta["sha256"]} for meta in metas],
+    }
+    temp = out / f".{MANIFEST}{TEMP_SUFFIX}"
+    temp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    temp.replace(out / MANIFEST)
+    return manifest

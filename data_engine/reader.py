@@ -1,0 +1,110 @@
+"""Random access to a shards dir: image bytes by global id via pread, no tar scanning.
+
+Image ids are global and in label order: the images of label i are
+identity_start[i] .. identity_start[i+1]-1. Importable without torch; safe to pickle into
+loader worker processes (file handles are reopened lazily in each process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from common.cli import UserError
+
+_INDEX_ARRAYS = ("identity_start", "image_shard", "image_offset", "image_size")
+
+
+class ShardReader:
+    """Open a shards dir written by `python -m data_engine.shard`."""
+
+    def __init__(self, shards_dir: str | os.PathLike) -> None:
+        self.root = Path(shards_dir)
+        try:
+            self.manifest = json.loads((self.root / "manifest.json").read_text("utf-8"))
+        except FileNotFoundError:
+            raise UserError(f"{self.root}: not a shards dir (no manifest.json; sharding "
+                            "unfinished? rerun python -m data_engine.shard)") from None
+        except (OSError, ValueError) as error:
+            raise UserError(f"{self.root}/manifest.json: unreadable ({error})") from None
+        try:
+            with np.load(self.root / "index.npz", allow_pickle=False) as index:
+                arrays = {name: index[name] for name in _INDEX_ARRAYS}
+            names = (self.root / "identities.txt").read_text("utf-8",
+                                                            "surrogateescape").splitlines()
+        except (OSError, ValueError, KeyError) as error:
+            raise UserError(f"{self.root}: index.npz/identities.txt missing or invalid "
+                            f"({error})") from None
+        self.identity_start: np.ndarray = arrays["identity_start"]
+        self.image_shard: np.ndarray = arrays["image_shard"]
+        self.image_offset: np.ndarray = arrays["image_offset"]
+        self.image_size: np.ndarray = arrays["image_size"]
+        self._names = names
+        self.num_identities = int(self.manifest.get("num_identities", -1))
+        self.num_images = int(self.manifest.get("num_images", -1))
+        self.shard_paths = [self.root / shard["name"] for shard in self.manifest["shards"]]
+        if (len(names) != self.num_identities
+                or len(self.identity_start) != self.num_identities + 1
+                or int(self.identity_start[-1]) != self.num_images
+                or not len(self.image_shard) == len(self.image_offset)
+                == len(self.image_size) == self.num_images):
+            raise UserError(f"{self.root}: index.npz or identities.txt does not match "
+                            "manifest.json (rerun python -m data_engine.shard)")
+        self.image_labels = np.repeat(np.arange(self.num_identities, dtype=np.int64),
+                                      np.diff(self.identity_start))
+        self._fds: dict[int, int] = {}
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fds": {}}
+
+    def __del__(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the shard files (they reopen on the next read)."""
+        if getattr(self, "_pid", None) == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+        self._fds = {}
+
+    def _fd(self, shard: int) -> int:
+        if self._pid != os.getpid():  # forked: the parent's descriptors are not ours to use
+            self._fds, self._pid = {}, os.getpid()
+        fd = self._fds.get(shard)
+        if fd is None:
+            try:
+                fd = os.open(self.shard_paths[shard], os.O_RDONLY)
+            except OSError as error:
+                raise UserError(f"{self.shard_paths[shard]}: cannot open shard "
+                                f"({error.strerror})") from None
+            self._fds[shard] = fd
+        return fd
+
+    def read_image(self, image_id: int) -> bytes:
+        """JPEG bytes of global image `image_id` (one pread)."""
+        size = int(self.image_size[image_id])
+        data = os.pread(self._fd(int(self.image_shard[image_id])), size,
+                        int(self.image_offset[image_id]))
+        if len(data) != size:
+            raise UserError(f"{self.shard_paths[int(self.image_shard[image_id])]}: shard is "
+                            f"shorter than its index (image {image_id})")
+        return data
+
+    def identity_name(self, label: int) -> str:
+        """Original identity name of `label` (folder name, record ordinal, ...)."""
+        return self._names[label]
+
+    def identity_images(self, label: int) -> range:
+        """Global image ids of `label`."""
+        return range(int(self.identity_start[label]), int(self.identity_start[label + 1]))
+
+    def iter_identities(self) -> Iterator[tuple[int, str, list[bytes]]]:
+        """(label, name, jpeg bytes in sample order) for every identity, in label order."""
+        for label in range(self.num_identities):
+            yield (label, self._names[label],
+                   [self.read_image(i) for i in self.identity_images(label)])

@@ -1,0 +1,167 @@
+"""Write one planned shard (runs in a worker process), verify or relabel a finished one.
+
+A shard is built under a temp name, fsynced and renamed; then its sidecar
+`parts/shard-NNNNNN.json` (plan hash, sha256, per-image offsets, rejected files) is written
+the same way. The sidecar is the commit point: a rerun keeps a shard only if its sidecar
+matches the plan and the tar still hashes to the recorded sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+from dataclasses import dataclass
+from multiprocessing.sharedctypes import Synchronized
+from pathlib import Path
+from typing import Any
+
+from data_engine.images import RejectedImageError, prepare
+from data_engine.plan import ShardPlan
+from data_engine.sources import Identity, Source
+from data_engine.tarwriter import TarWriter
+
+PARTS_DIR = "parts"
+TEMP_SUFFIX = ".tmp"
+
+Meta = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    out: Path
+    verify: str
+    on_mismatch: str
+
+
+_worker: dict[str, Any] = {}
+
+
+def init_worker(source: Source | None, options: WriteOptions | None,
+                counter: Synchronized | None) -> None:
+    """Pool initializer: Ctrl-C is the parent's to handle; it terminates us and cleans up."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _worker.update(source=source, options=options, counter=counter)
+
+
+def temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}{TEMP_SUFFIX}")
+
+
+def meta_path(out: Path, shard: str) -> Path:
+    return out / PARTS_DIR / f"{Path(shard).stem}.json"
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Atomically replace `path` with `value` as JSON (sorted keys: deterministic bytes)."""
+    temp = temp_path(path)
+    with open(temp, "w", encoding="utf-8") as handle:
+        json.dump(value, handle, sort_keys=True, separators=(",", ":"))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+
+
+def write_sample(writer: TarWriter, label: int, identity: str, image_names: list[str],
+                 images: list[bytes]) -> list[int]:
+    """One identity as a WebDataset sample; returns the data offsets of its images."""
+    key = f"{label:08d}"
+    offsets = [writer.add(f"{key}.{j:04d}.jpg", image) for j, image in enumerate(images)]
+    writer.add(f"{key}.cls", str(label).encode())
+    info = {"identity": identity, "images": image_names, "label": label}
+    writer.add(f"{key}.json", json.dumps(info, sort_keys=True, separators=(",", ":")).encode())
+    return offsets
+
+
+def _finish(writer: TarWriter, final: Path, meta: Meta, out: Path) -> Meta:
+    meta["bytes"], meta["sha256"] = writer.close()
+    os.replace(writer.path, final)
+    write_json(meta_path(out, final.name), meta)
+    return meta
+
+
+def write_shard(job: tuple[ShardPlan, list[Identity]]) -> Meta:
+    """Read, check and store the identities of one shard; returns its sidecar."""
+    plan, identities = job
+    source: Source = _worker["source"]
+    options: WriteOptions = _worker["options"]
+    counter: Synchronized = _worker["counter"]
+    final = options.out / plan.name
+    writer = TarWriter(temp_path(final))
+    meta: Meta = {"index": plan.index, "name": plan.name, "plan_hash": plan.plan_hash,
+                  "label_base": plan.label_base, "samples": [], "rejected": [],
+                  "dropped": [], "num_converted": 0}
+    try:
+        label = plan.label_base
+        for identity in identities:
+            names, images = [], []
+            for item in source.read_identity(identity):
+                if item.data is None:
+                    meta["rejected"].append([item.path, item.error])
+                    continue
+                try:
+                    jpeg, converted = prepare(item.data, verify=options.verify,
+                                              on_mismatch=options.on_mismatch)
+                except RejectedImageError as reason:
+                    meta["rejected"].append([item.path, str(reason)])
+                    continue
+                meta["num_converted"] += converted
+                names.append(item.name)
+                images.append(jpeg)
+            with counter.get_lock():
+                counter.value += identity.num_files
+            if not images:
+                meta["dropped"].append([identity.name, "all images rejected"])
+                continue
+            offsets = write_sample(writer, label, identity.name, names, images)
+            meta["samples"].append([identity.name, names, offsets, [len(i) for i in images]])
+            label += 1
+        return _finish(writer, final, meta, options.out)
+    except BaseException:
+        writer.abort()
+        writer.path.unlink(missing_ok=True)
+        raise
+
+
+def relabel_shard(meta: Meta, out: Path, label_base: int) -> Meta:
+    """Rewrite a finished shard with labels from `label_base` (after an earlier shard lost
+    an identity whose images were all rejected); image bytes are copied, not re-checked."""
+    final = out / meta["name"]
+    writer = TarWriter(temp_path(final))
+    new = {**meta, "label_base": label_base, "samples": []}
+    try:
+        with open(final, "rb") as handle:
+            fd = handle.fileno()
+            for i, (identity, names, offsets, sizes) in enumerate(meta["samples"]):
+                images = [os.pread(fd, size, offset) for offset, size in zip(offsets, sizes)]
+                new_offsets = write_sample(writer, label_base + i, identity, names, images)
+                new["samples"].append([identity, names, new_offsets, sizes])
+        return _finish(writer, final, new, out)
+    except BaseException:
+        writer.abort()
+        writer.path.unlink(missing_ok=True)
+        raise
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def finished_meta(job: tuple[Path, ShardPlan]) -> Meta | None:
+    """The sidecar of a shard that is complete and intact for this plan, else None."""
+    out, plan = job
+    try:
+        with open(meta_path(out, plan.name), encoding="utf-8") as handle:
+            meta = json.load(handle)
+        shard = out / plan.name
+        if (meta.get("plan_hash") != plan.plan_hash
+                or shard.stat().st_size != meta.get("bytes")):
+            return None
+        return meta if file_sha256(shard) == meta.get("sha256") else None
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,101 @@
+"""Deterministic POSIX (ustar) tar writing with known data offsets and a running sha256.
+
+Every header field that could vary between machines or runs (mtime, uid/gid, user names,
+mode) is fixed, so the same members in the same order give byte-identical tars. Writing the
+headers ourselves (instead of tarfile) keeps the per-file cost to a few microseconds and
+tells us where each member's data starts, which the index needs for random access.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+BLOCK = 512
+RECORD = 20 * BLOCK  # what tar(1) and tarfile pad archives to
+MTIME = 0
+_FLUSH_BYTES = 4 << 20
+
+
+def _template() -> bytearray:
+    header = bytearray(BLOCK)
+    header[100:108] = b"0000644\x00"  # mode
+    header[108:116] = b"0000000\x00"  # uid
+    header[116:124] = b"0000000\x00"  # gid
+    header[136:148] = b"%011o\x00" % MTIME
+    header[148:156] = b" " * 8  # checksum is computed with this field as spaces
+    header[156:157] = b"0"  # regular file
+    header[257:265] = b"ustar\x0000"
+    return header
+
+
+_TEMPLATE = _template()
+_TEMPLATE_SUM = sum(_TEMPLATE)
+
+
+def member_header(name: str, size: int) -> bytes:
+    """The 512-byte ustar header of a regular file `name` with `size` bytes."""
+    encoded = name.encode("utf-8")
+    if len(encoded) > 100:
+        raise ValueError(f"tar member name longer than 100 bytes: {name}")
+    size_field = b"%011o" % size
+    if len(size_field) > 11:
+        raise ValueError(f"tar member too large: {name} ({size} bytes)")
+    header = bytearray(_TEMPLATE)
+    header[0:len(encoded)] = encoded
+    header[124:135] = size_field
+    checksum = _TEMPLATE_SUM + sum(encoded) + sum(size_field)  # both fields were zeros
+    header[148:156] = b"%06o\x00 " % checksum
+    return bytes(header)
+
+
+class TarWriter:
+    """Append members to a new tar file; `close()` pads, fsyncs and returns (bytes, sha256)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._buffer = bytearray()
+        self._sha = hashlib.sha256()
+        self.position = 0
+
+    def add(self, name: str, data: bytes) -> int:
+        """Append one file; returns the byte offset of its data in the archive."""
+        self._buffer += member_header(name, len(data))
+        offset = self.position + BLOCK
+        self._buffer += data
+        padding = -len(data) % BLOCK
+        if padding:
+            self._buffer += bytes(padding)
+        self.position = offset + len(data) + padding
+        if len(self._buffer) >= _FLUSH_BYTES:
+            self._flush()
+        return offset
+
+    def _flush(self) -> None:
+        view = memoryview(self._buffer)
+        self._sha.update(view)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        view.release()
+        self._buffer.clear()
+
+    def close(self) -> tuple[int, str]:
+        """Finish the archive (two zero blocks, record padding) and make it durable."""
+        end = self.position + 2 * BLOCK
+        end += -end % RECORD
+        self._buffer += bytes(end - self.position)
+        self.position = end
+        self._flush()
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+        return self.position, self._sha.hexdigest()
+
+    def abort(self) -> None:
+        """Close without finishing (the caller removes the partial file)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
