@@ -1,33 +1,234 @@
-"""``python -m evaluate``: score a face model on IJB-B/C and the verification sets."""
+"""``python -m evaluate``: score a face model on IJB-B/C and the verification sets.
+
+  ijbc / ijbb          IJB 1:1 TAR@FAR and 1:N top-k, TPIR@FPIR (insightface protocol)
+  lfw / cfp_fp / agedb_30   10-fold verification accuracy on an insightface .bin
+  synth-ijb / synth-bin     write synthetic benchmarks in those formats (held-out people)
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
 from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
 
 from common.cli import (
     ArgumentParser,
     UserError,
     add_subparsers,
     existing_dir,
+    existing_file,
+    positive_int,
     run_cli,
     setup_logging,
 )
 
+log = logging.getLogger("evaluate")
+
+VERIFICATION_SETS = ("lfw", "cfp_fp", "agedb_30")
+
+
+def _add_model_flags(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--network", help="backbone name (default: RUN/model.json, else r50)")
+    sub.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    sub.add_argument("--batch-size", type=positive_int, default=256)
+    sub.add_argument("--no-flip", dest="flip", action="store_false",
+                     help="skip the flip test (published numbers use it)")
+    sub.add_argument("--out", type=Path, help="write the metrics as JSON here")
+
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m evaluate", description=__doc__)
+    parser = ArgumentParser(prog="python -m evaluate", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = add_subparsers(parser)
     for name in ("ijbc", "ijbb"):
-        sub = commands.add_parser(name, help=f"{name.upper()} 1:1 and 1:N")
-        sub.add_argument("--root", required=True, type=existing_dir, help="IJB directory")
-        sub.add_argument("--features", help="precomputed per-image features (.npy)")
+        sub = commands.add_parser(name, help=f"{name.upper()} 1:1 and 1:N (insightface layout)")
+        sub.add_argument("--root", required=True, type=existing_dir,
+                         help="directory with meta/ and loose_crop/")
+        source = sub.add_mutually_exclusive_group(required=True)
+        source.add_argument("--model", type=existing_file, help="RUN/model.pt (state_dict)")
+        source.add_argument("--features", type=existing_file,
+                            help="precomputed per-image features .npy [images, D]")
+        sub.add_argument("--faceness", type=existing_file,
+                         help="per-image detector scores .npy (default: last column of "
+                              f"meta/{name}_name_5pts_score.txt)")
+        sub.add_argument("--no-detector-score", dest="detector_score", action="store_false",
+                         help="do not weight image features by detector score")
+        sub.add_argument("--cache", type=Path,
+                         help="per-image feature cache .npy (default: next to --model)")
+        sub.add_argument("--no-cache", action="store_true", help="always run the network")
+        sub.add_argument("--distractors", type=existing_file,
+                         help="extra 1:N gallery features .npy [N, D] (memory-mapped)")
+        sub.add_argument("--open-set", action="store_true",
+                         help="also report stricter open-set 1:N (G1, G2 searched separately)")
+        sub.add_argument("--plot", type=Path, help="write the ROC curve (TAR vs FAR) here")
+        _add_model_flags(sub)
+    for name in VERIFICATION_SETS:
+        sub = commands.add_parser(name, help=f"{name} 10-fold verification accuracy")
+        source = sub.add_mutually_exclusive_group(required=True)
+        source.add_argument("--bin", type=existing_file, help="insightface .bin file")
+        source.add_argument("--pairs", type=existing_dir,
+                            help="aligned LFW-style folder with pairs.txt")
+        sub.add_argument("--model", type=existing_file, required=True,
+                         help="RUN/model.pt (state_dict)")
+        _add_model_flags(sub)
+    synth = commands.add_parser("synth-ijb", help="write a synthetic IJB-layout directory")
+    synth.add_argument("--out", type=Path, required=True)
+    synth.add_argument("--identities", type=positive_int, default=50)
+    synth.add_argument("--first-identity", type=int, default=100_000,
+                       help="first synthetic identity (beyond the training ones = held out)")
+    synth.add_argument("--seed", type=int, default=0, help="synthetic dataset seed")
+    synth.add_argument("--probes", type=positive_int, default=2, help="probe templates/subject")
+    synth.add_argument("--prefix", choices=("ijbc", "ijbb"), default="ijbc")
+    synth_bin = commands.add_parser("synth-bin", help="write a synthetic verification .bin")
+    synth_bin.add_argument("--out", type=Path, required=True)
+    synth_bin.add_argument("--identities", type=positive_int, default=100)
+    synth_bin.add_argument("--first-identity", type=int, default=100_000)
+    synth_bin.add_argument("--pairs", type=positive_int, default=600)
+    synth_bin.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def _load_matrix(path: Path, what: str) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as error:
+        raise UserError(f"{path}: not a .npy {what} ({error})") from None
+
+
+def _backbone(args: argparse.Namespace):
+    from common.device import resolve_device
+    from evaluate.features import load_backbone
+
+    device = resolve_device(args.device)
+    return load_backbone(args.model, args.network, device), device
+
+
+def run_ijb(args: argparse.Namespace) -> int:
+    from evaluate import ijb, ijb_meta
+    from evaluate.features import cached_features
+
+    prefix, root = args.command, args.root
+    images = ijb_meta.read_image_meta(root, prefix)
+    tid_mid = ijb_meta.meta_path(root, prefix, "face_tid_mid.txt")
+    landmarks = None
+    if args.model is not None or (args.detector_score and args.faceness is None):
+        landmarks = ijb_meta.read_landmarks(root, prefix, images.names)
+    if args.model is not None:
+        backbone, device = _backbone(args)
+        model = Path(args.model).resolve()
+        cache = None if args.no_cache else (args.cache or model.parent / f"{prefix}_features.npy")
+        key = {"model": str(model), "model_mtime_ns": model.stat().st_mtime_ns,
+               "network": args.network, "root": str(Path(root).resolve()),
+               "images": len(images.names), "flip": args.flip}
+        features = cached_features(cache, key, lambda: ijb.model_features(
+            root, prefix, images.names, landmarks.points, backbone, device=device,
+            batch_size=args.batch_size, flip=args.flip))
+    else:
+        features = _load_matrix(args.features, "feature matrix")
+        if features.ndim != 2 or len(features) != len(images.names):
+            raise UserError(f"{args.features}: {features.shape[0] if features.ndim else 0} "
+                            f"feature rows but {tid_mid} lists {len(images.names)} images")
+    faceness = None
+    if args.detector_score:
+        if args.faceness is not None:
+            faceness = np.asarray(_load_matrix(args.faceness, "score vector"), np.float64)
+            if faceness.shape != (len(images.names),):
+                raise UserError(f"{args.faceness}: shape {faceness.shape} but {tid_mid} lists "
+                                f"{len(images.names)} images")
+        else:
+            faceness = landmarks.scores
+    distractors = None if args.distractors is None else _load_matrix(args.distractors,
+                                                                     "distractor matrix")
+    result = ijb.score(root, prefix, images, np.asarray(features), faceness,
+                       distractors=distractors, open_set=args.open_set)
+    print(format_ijb_table(prefix.upper().replace("IJB", "IJB-"), result.metrics))
+    if args.out:
+        _write_json(args.out, result.metrics)
+    if args.plot:
+        from evaluate.roc import plot_roc
+
+        label = Path(args.model or args.features).name
+        plot_roc({label: (result.fpr, result.tpr)}, str(args.plot),
+                 f"{prefix.upper().replace('IJB', 'IJB-')} 1:1 ROC")
+        log.info("ROC plot written to %s", args.plot)
+    return 0
+
+
+def format_ijb_table(title: str, metrics: dict) -> str:
+    """Percent table in the layout of the published IJB tables."""
+    fars = list(metrics["tar_at_far"])
+    lines = [f"{title} 1:1 verification, TAR (%) @ FAR",
+             "  " + "".join(f"{far:>10}" for far in fars),
+             "  " + "".join(f"{100 * v:>10.2f}" for v in metrics["tar_at_far"].values()),
+             f"{title} 1:N identification (closed set, gallery G1+G2), %",
+             f"  {'top1':>10}{'top5':>10}{'top10':>10}"
+             + "".join(f"{'TPIR@' + k:>14}" for k in metrics["tpir_at_fpir"]),
+             f"  {100 * metrics['top1']:>10.2f}{100 * metrics['top5']:>10.2f}"
+             f"{100 * metrics['top10']:>10.2f}"
+             + "".join(f"{100 * v:>14.2f}" for v in metrics["tpir_at_fpir"].values())]
+    for gallery, numbers in metrics.get("open_set", {}).items():
+        lines.append(f"{title} 1:N OPEN SET, gallery {gallery} only, %: top1 "
+                     f"{100 * numbers['top1']:.2f}  " + "  ".join(
+                         f"TPIR@FPIR={k} {100 * v:.2f}"
+                         for k, v in numbers["tpir_at_fpir"].items()))
+    return "\n".join(lines)
+
+
+def run_verification(args: argparse.Namespace) -> int:
+    from evaluate.features import extract_features
+    from evaluate.verification import evaluate_embeddings, load_bin, load_pairs_dir
+
+    images, issame = load_bin(args.bin) if args.bin else load_pairs_dir(args.pairs)
+    backbone, device = _backbone(args)
+    features = extract_features(backbone, images, device=device, batch_size=args.batch_size,
+                                flip=args.flip, desc=f"{args.command} features")
+    metrics = evaluate_embeddings(features, issame)
+    print(f"{args.command}: accuracy {100 * metrics['accuracy_mean']:.2f} ± "
+          f"{100 * metrics['accuracy_std']:.2f} % over {metrics['num_pairs']} pairs "
+          f"(10 folds, flip test {'on' if args.flip else 'off'})")
+    if args.out:
+        _write_json(args.out, metrics)
+    return 0
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    log.info("metrics written to %s", path)
+
+
+def run_synthetic(args: argparse.Namespace) -> int:
+    from evaluate.synthetic_ijb import write_synthetic_bin, write_synthetic_ijb
+
+    if args.identities < 2:
+        raise UserError("--identities must be at least 2 (impostor pairs need two people)")
+    if args.first_identity < 0:
+        raise UserError("--first-identity must be >= 0")
+    if args.command == "synth-ijb":
+        counts = write_synthetic_ijb(args.out, identities=args.identities, seed=args.seed,
+                                     first_identity=args.first_identity, prefix=args.prefix,
+                                     probes=args.probes)
+    else:
+        counts = write_synthetic_bin(args.out, identities=args.identities, seed=args.seed,
+                                     first_identity=args.first_identity, pairs=args.pairs)
+    print(f"wrote {args.out}: " + ", ".join(f"{v} {k.replace('_', ' ')}"
+                                             for k, v in counts.items()))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    raise UserError(f"{args.command} is not built yet (issue 7)")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # CPU-feature probing noise
+    if args.command in ("ijbc", "ijbb"):
+        return run_ijb(args)
+    if args.command in VERIFICATION_SETS:
+        return run_verification(args)
+    return run_synthetic(args)
 
 
 if __name__ == "__main__":

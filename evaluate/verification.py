@@ -155,3 +155,39 @@ def evaluate_embeddings(embeddings: np.ndarray, issame: np.ndarray, nfolds: int 
         "fold_accuracies": [float(a) for a in accuracies],
         "num_pairs": len(issame),
     }
+
+
+def load_pairs_dir(root: Path) -> tuple[np.ndarray, np.ndarray]:
+    """An aligned LFW-style folder: ``ROOT/pairs.txt`` and ``ROOT/NAME/NAME_0001.jpg``.
+
+    pairs.txt lines are ``name i j`` (same person) or ``name1 i name2 j`` (different); an
+    optional first line of two integers (folds, pairs per fold) is skipped.
+    """
+    root = Path(root)
+    pairs_file = root / "pairs.txt"
+    if not pairs_file.is_file():
+        raise UserError(f"{pairs_file}: missing (LFW-style pair list)")
+    files, issame = [], []
+    for number, line in enumerate(pairs_file.read_text().splitlines(), 1):
+        fields = line.split()
+        if not fields or (number == 1 and len(fields) == 2 and all(f.isdigit() for f in fields)):
+            continue
+        if len(fields) == 3 and fields[1].isdigit() and fields[2].isdigit():
+            pair = ((fields[0], fields[1]), (fields[0], fields[2]))
+        elif len(fields) == 4 and fields[1].isdigit() and fields[3].isdigit():
+            pair = ((fields[0], fields[1]), (fields[2], fields[3]))
+        else:
+            raise UserError(f"{pairs_file}:{number}: expected 'name i j' or 'name1 i name2 j', "
+                            f"got {line!r}")
+        files += [root / name / f"{name}_{int(i):04d}.jpg" for name, i in pair]
+        issame.append(len(fields) == 3)
+    if not issame:
+        raise UserError(f"{pairs_file}: no pairs listed")
+    out = np.empty((len(files), 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+    with Progress(len(files), f"decode {root.name}", "img") as progress:
+        for i, path in enumerate(files):
+            if not path.is_file():
+                raise UserError(f"{path}: missing (listed in {pairs_file})")
+            out[i] = decode_image(path.read_bytes(), str(path))
+            progress.update()
+    return out, np.asarray(issame, dtype=bool)

@@ -1,0 +1,120 @@
+"""IJB-B/IJB-C end to end: aligned features from loose crops, then 1:1 and 1:N metrics."""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from common.cli import UserError
+from common.progress import Progress
+from evaluate import ijb_meta
+from evaluate.align import align_face
+from evaluate.features import embed_batch
+from evaluate.pairs import pair_scores
+from evaluate.roc import roc_curve, tar_at_far
+from evaluate.search import Gallery, closed_set_metrics, mates, open_set_metrics
+from evaluate.templates import TemplateFeatures, pool_templates
+
+CHUNK_IMAGES = 2048  # aligned faces held at once: 2048 x 37 KB
+
+
+def _load_aligned(root: Path, name: str, landmarks: np.ndarray, where: str) -> np.ndarray:
+    from PIL import Image
+
+    path = Path(root) / "loose_crop" / name
+    try:
+        with Image.open(io.BytesIO(path.read_bytes())) as image:
+            pixels = np.asarray(image.convert("RGB"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing (listed at {where})") from None
+    except OSError as error:
+        raise UserError(f"{path}: cannot decode ({error})") from None
+    return align_face(pixels, landmarks, where=f"{path} ({where})").transpose(2, 0, 1)
+
+
+def model_features(root: Path, prefix: str, names: list[str], landmarks: np.ndarray,
+                   backbone: nn.Module, *, device: str, batch_size: int, flip: bool,
+                   workers: int = 4) -> np.ndarray:
+    """float32 [M,D] flip-test features of every aligned loose crop, in image-list order."""
+    import torch
+
+    five_points = ijb_meta.meta_path(root, prefix, "name_5pts_score.txt").name
+    features = None
+    backbone.eval()
+    with ThreadPoolExecutor(workers) as pool, Progress(len(names), f"{prefix} features",
+                                                      "img") as progress, torch.inference_mode():
+        for start in range(0, len(names), CHUNK_IMAGES):
+            stop = min(start + CHUNK_IMAGES, len(names))
+            faces = np.stack(list(pool.map(
+                lambda i: _load_aligned(root, names[i], landmarks[i], f"{five_points}:{i + 1}"),
+                range(start, stop))))
+            for b in range(0, len(faces), batch_size):
+                batch = torch.from_numpy(faces[b:b + batch_size]).to(device)
+                out = embed_batch(backbone, batch, flip=flip).cpu().numpy()
+                if features is None:
+                    features = np.empty((len(names), out.shape[1]), np.float32)
+                features[start + b:start + b + len(out)] = out
+                progress.update(len(out))
+    return features
+
+
+@dataclass
+class IJBResult:
+    metrics: dict  # the DESIGN §5 JSON
+    fpr: np.ndarray
+    tpr: np.ndarray
+
+
+def score(root: Path, prefix: str, images: ijb_meta.ImageMeta, features: np.ndarray,
+          faceness: np.ndarray | None, *, distractors: np.ndarray | None = None,
+          open_set: bool = False) -> IJBResult:
+    """All metrics from per-image features, computed as insightface's eval scripts do."""
+    pairs_file = ijb_meta.meta_path(root, prefix, "template_pair_label.txt")
+    pairs, labels = ijb_meta.read_pairs(root, prefix)
+    sets = ijb_meta.read_one_to_n(root, prefix)
+    pooled = pool_templates(features, images.templates, images.medias, faceness)
+    scores = pair_scores(pooled.features, pooled.rows(pairs[:, 0], str(pairs_file)),
+                         pooled.rows(pairs[:, 1], str(pairs_file)))
+    fpr, tpr, _ = roc_curve(labels, scores)
+    metrics = {"tar_at_far": tar_at_far(fpr, tpr)}
+    metrics.update(one_to_n(root, prefix, pooled, sets, distractors, open_set))
+    return IJBResult(metrics, fpr, tpr)
+
+
+def _set_features(pooled: TemplateFeatures, root: Path, prefix: str, search_set
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Unique templates of a 1:N list (first listed subject, as ijb_1n.py) and features."""
+    where = str(ijb_meta.meta_path(root, prefix, f"1N_{search_set.name}.csv"))
+    unique, first = np.unique(search_set.templates, return_index=True)
+    return pooled.features[pooled.rows(unique, where)], search_set.subjects[first]
+
+
+def one_to_n(root: Path, prefix: str, pooled: TemplateFeatures, sets, distractors,
+             open_set: bool) -> dict:
+    """Closed-set metrics over G1 ∪ G2 (+ distractors); open-set per gallery when asked."""
+    first, second, probe = sets
+    g1, g1_subjects = _set_features(pooled, root, prefix, first)
+    g2, g2_subjects = _set_features(pooled, root, prefix, second)
+    probes, probe_subjects = _set_features(pooled, root, prefix, probe)
+    probe_file = ijb_meta.meta_path(root, prefix, f"1N_{probe.name}.csv")
+    gallery_subjects = np.concatenate([g1_subjects, g2_subjects])
+    mate = mates(probe_subjects, gallery_subjects, "1:N galleries")
+    if (mate < 0).any():
+        raise UserError(f"{probe_file}: subject {int(probe_subjects[mate < 0][0])} has no "
+                        "template in either gallery")
+    closed = closed_set_metrics(Gallery(np.concatenate([g1, g2]), distractors), probes, mate)
+    metrics = {f"top{k}": v for k, v in closed.top.items()}
+    metrics["tpir_at_fpir"] = closed.tpir_at_fpir
+    if open_set:
+        metrics["open_set"] = {
+            search_set.name.removeprefix("gallery_"): open_set_metrics(
+                Gallery(feats, distractors), probes, mates(probe_subjects, subjects,
+                                                          search_set.name))
+            for search_set, feats, subjects in ((first, g1, g1_subjects),
+                                                (second, g2, g2_subjects))}
+    return metrics
