@@ -1,64 +1,51 @@
-"""Torch backend: DataLoader worker processes decode whole steps with simplejpeg.
+"""Torch backend: worker processes decode whole steps with simplejpeg into shared slots.
 
-Why this shape: the per-image cost is what limits a CPU loader, so a worker gets a whole
-step (all (k+1)·B image ids) and decodes each JPEG straight into one shared-memory batch
-tensor (no per-image tensors, no pickled pixels: the parent maps the same pages). Flips are
-done while decoding: a flipped image is decoded as BGR and each row's bytes are reversed,
-which mirrors the pixels and turns BGR back into RGB in one contiguous pass.
+Why this shape: on a CPU loader the per-image overhead decides the rate, so
+- a worker gets a whole step (all (k+1)·B ids) and decodes every JPEG straight into one
+  batch buffer: no per-image tensors, no pickled pixels;
+- the buffers are a fixed ring of shared-memory "slots" created once, so their pages stay
+  mapped (fresh shared memory per batch costs ~40 µs of page faults per image here);
+- a batch handed to the caller is a zero-copy view of its slot; the slot is reused only once
+  the caller has dropped every view (reference count), and when the caller hoards batches
+  the batch is copied out instead, so holding batches never stalls or corrupts the epoch.
+  On CUDA the slots are pinned and copied to the GPU asynchronously;
+- flips happen while decoding: a flipped image is decoded as BGR and each row's bytes are
+  reversed, which mirrors the pixels and turns BGR back into RGB in one contiguous pass.
 """
 
 from __future__ import annotations
 
+import queue
+import sys
+import traceback
 from collections.abc import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+import torch.multiprocessing as mp
 
 from data_engine.loader import Batch, DataError, ImageSource, batch_from_pixels
 from data_engine.sampler import EpochPlan, StepPlan
 
-
-class _Steps:
-    """The DataLoader's sampler: step plans, computed lazily in the parent."""
-
-    def __init__(self, plan: EpochPlan, start_step: int) -> None:
-        self.plan = plan
-        self.start_step = start_step
-
-    def __iter__(self) -> Iterator[StepPlan]:
-        return self.plan.steps(self.start_step)
-
-    def __len__(self) -> int:
-        return len(self.plan) - self.start_step
+_POLL_S = 1.0  # how often the parent checks that workers are alive while it waits
 
 
-class _StepDecoder(Dataset):
-    """``dataset[step_plan]`` -> (plan, pixels NHWC uint8 [(k+1)·B,H,W,3], replaced, error)."""
-
-    def __init__(self, source: ImageSource) -> None:
-        self.source = source
-
-    def __getitem__(self, step: StepPlan) -> tuple[StepPlan, torch.Tensor, int, str | None]:
-        size = self.source.image_size
-        ids = step.all_image_ids
-        flips = step.all_flips
-        pixels = _shared_uint8((len(ids), size, size, 3))
-        out = pixels.numpy()
-        scratch = np.empty((size, size * 3), np.uint8)
-        replaced = 0
-        try:
-            for i, (image_id, flip) in enumerate(zip(ids.tolist(), flips.tolist())):
-                data, was_bad = self.source.read(image_id)
-                replaced += was_bad
-                replaced += decode_into(out[i], scratch, data, flip, self.source, image_id)
-        except DataError as error:  # returned, not raised: DataLoader would wrap the message
-            return step, pixels, replaced, str(error)
-        return step, pixels, replaced, None
+def decode_step(source: ImageSource, step: StepPlan, out: np.ndarray) -> tuple[int, str | None]:
+    """Decode all images of ``step`` into ``out`` [(k+1)·B,H,W,3]: (replaced, error or None)."""
+    scratch = np.empty((out.shape[1], out.shape[2] * 3), np.uint8)
+    replaced = 0
+    try:
+        for i, (image_id, flip) in enumerate(zip(step.all_image_ids.tolist(),
+                                                 step.all_flips.tolist())):
+            data, was_bad = source.read(image_id)
+            replaced += was_bad + decode_into(out[i], scratch, data, flip, source, image_id)
+    except DataError as error:  # sent as text: the parent raises it with the same message
+        return replaced, str(error)
+    return replaced, None
 
 
 def decode_into(out: np.ndarray, scratch: np.ndarray, data: bytes, flip: bool,
-                 source: ImageSource, image_id: int) -> int:
+                source: ImageSource, image_id: int) -> int:
     """Decode one image into ``out`` (HWC), mirrored when ``flip``; 1 if it was replaced."""
     import simplejpeg
 
@@ -78,20 +65,50 @@ def decode_into(out: np.ndarray, scratch: np.ndarray, data: bytes, flip: bool,
     raise AssertionError("unreachable")
 
 
+def _worker(source: ImageSource, slots: list[torch.Tensor], tasks: mp.Queue,
+            results: mp.Queue) -> None:
+    """Decode (step, slot) tasks until a None arrives; report crashes instead of dying mute."""
+    arrays = [slot.numpy() for slot in slots]
+    torch.set_num_threads(1)
+    while (task := tasks.get()) is not None:
+        step, slot = task
+        crashed = False
+        try:
+            replaced, error = decode_step(source, step, arrays[slot][:len(step.all_image_ids)])
+        except Exception:  # anything but bad data is a bug: show the parent the traceback
+            replaced, error, crashed = 0, traceback.format_exc(), True
+        results.put((step.step, slot, replaced, error, crashed))
+
+
+class _Slot:
+    """One shared batch buffer and who is using it."""
+
+    def __init__(self, shape: tuple[int, ...], pin: bool) -> None:
+        self.tensor = _shared_uint8(shape)
+        self.array = self.tensor.numpy()
+        self.idle_refs = sys.getrefcount(self.array)
+        self.ready_event: torch.cuda.Event | None = None  # set while a GPU copy reads it
+        if pin:
+            nbytes = self.tensor.numel()
+            torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), nbytes, 0)
+
+    def free(self) -> bool:
+        """True once no caller view and no pending GPU copy uses the buffer."""
+        if self.ready_event is not None:
+            if not self.ready_event.query():
+                return False
+            self.ready_event = None
+        return sys.getrefcount(self.array) <= self.idle_refs
+
+
 def _shared_uint8(shape: tuple[int, ...]) -> torch.Tensor:
-    """A uint8 tensor allocated in shared memory, so sending it to the parent copies nothing."""
-    numel = int(np.prod(shape))
-    storage = torch.UntypedStorage._new_shared(numel)
+    """A uint8 tensor in shared memory, visible to workers forked or spawned after it."""
+    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
     return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
 
 
-def _keep(item: tuple) -> tuple:
-    """collate_fn: the worker already built the whole step."""
-    return item
-
-
 class TorchBatches:
-    """Runs the DataLoader for one epoch and turns each decoded step into a :class:`Batch`."""
+    """Runs the worker pool for one pass over the epoch and yields :class:`Batch` objects."""
 
     def __init__(self, plan: EpochPlan, source: ImageSource, *, device: str,
                  workers: int) -> None:
@@ -102,12 +119,91 @@ class TorchBatches:
 
     def run(self, start_step: int) -> Iterator[tuple[Batch, int]]:
         """(batch, images replaced in it) for each step from ``start_step``."""
-        pin = self.device.type == "cuda"
-        loader = DataLoader(_StepDecoder(self.source), batch_size=None,
-                            sampler=_Steps(self.plan, start_step), collate_fn=_keep,
-                            num_workers=self.workers, pin_memory=pin,
-                            prefetch_factor=2 if self.workers else None)
-        for step, pixels, replaced, error in loader:
+        if self.workers == 0:
+            yield from self._run_inline(start_step)
+            return
+        size = self.source.image_size
+        shape = ((self.plan.k + 1) * self.plan.batch_size, size, size, 3)
+        depth = self.workers + 2  # steps in flight: every worker busy, the next ones queued
+        slots = [_Slot(shape, self.device.type == "cuda") for _ in range(depth + 2)]
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        tasks, results = ctx.Queue(), ctx.Queue()
+        procs = [ctx.Process(target=_worker, daemon=True,
+                             args=(self.source, [s.tensor for s in slots], tasks, results))
+                 for _ in range(self.workers)]
+        for proc in procs:
+            proc.start()
+        steps = self.plan.steps(start_step)
+        busy: set[int] = set()  # slots of steps dispatched and not yet handed out
+        done: dict[int, tuple] = {}  # step -> (slot, replaced, error, crashed)
+        try:
+            for step in self.plan.steps(start_step):
+                while len(busy) < depth and self._dispatch(steps, slots, busy, tasks):
+                    pass
+                while step.step not in done:
+                    got = self._receive(results, procs)
+                    done[got[0]] = got[1:]
+                slot_index, replaced, error, crashed = done.pop(step.step)
+                if crashed:
+                    raise RuntimeError(f"decode worker crashed:\n{error}")
+                if error is not None:
+                    raise DataError(error)
+                busy.discard(slot_index)
+                yield self._hand_out(step, slots, slot_index, busy), replaced
+        finally:
+            for _ in procs:
+                tasks.put(None)
+            for proc in procs:
+                proc.join(timeout=5)
+                if proc.is_alive():
+                    proc.terminate()
+
+    @staticmethod
+    def _dispatch(steps: Iterator[StepPlan], slots: list[_Slot], busy: set[int],
+                  tasks: mp.Queue) -> bool:
+        """Send the next step to the workers if a slot is free; False when none is."""
+        for index, slot in enumerate(slots):
+            if index not in busy and slot.free():
+                step = next(steps, None)
+                if step is None:
+                    return False
+                busy.add(index)
+                tasks.put((step, index))
+                return True
+        return False
+
+    @staticmethod
+    def _receive(results: mp.Queue, procs: list) -> tuple[int, int, int, str | None, bool]:
+        """Next finished task; a dead worker is an error, not a hang."""
+        while True:
+            try:
+                return results.get(timeout=_POLL_S)
+            except queue.Empty:
+                dead = [p.exitcode for p in procs if not p.is_alive()]
+                if dead:
+                    raise RuntimeError(f"a decode worker exited (code {dead[0]})") from None
+
+    def _hand_out(self, step: StepPlan, slots: list[_Slot], index: int,
+                  busy: set[int]) -> Batch:
+        """The step's batch: a view of its slot, a GPU copy, or a CPU copy when slots run low."""
+        slot = slots[index]
+        pixels = torch.from_numpy(slot.array[:len(step.all_image_ids)])
+        if self.device.type == "cuda":
+            batch = batch_from_pixels(step, pixels, self.device)
+            slot.ready_event = torch.cuda.Event()
+            slot.ready_event.record()
+            return batch
+        spare = sum(1 for i, s in enumerate(slots) if i != index and i not in busy and s.free())
+        if spare == 0:  # the caller keeps batches: copy, so the ring keeps turning
+            pixels = pixels.clone()
+        return batch_from_pixels(step, pixels, self.device)
+
+    def _run_inline(self, start_step: int) -> Iterator[tuple[Batch, int]]:
+        """No worker processes (workers=0): decode in this process, for debugging."""
+        size = self.source.image_size
+        for step in self.plan.steps(start_step):
+            pixels = torch.empty((len(step.all_image_ids), size, size, 3), dtype=torch.uint8)
+            replaced, error = decode_step(self.source, step, pixels.numpy())
             if error is not None:
                 raise DataError(error)
             yield batch_from_pixels(step, pixels, self.device), replaced
