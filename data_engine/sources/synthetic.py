@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from data_engine.sources.base import Identity, Imap, Scan, Source, SourceFile
+from data_engine.synthetic import encode_jpeg, identity_name, render_face
 
 # Planning needs a size before anything is rendered; a 112x112 q90 face JPEG is ~3-5 kB.
 _ESTIMATED_JPEG_BYTES = 4500
@@ -27,16 +28,12 @@ class SyntheticSource(Source):
 
     def scan(self, imap: Imap) -> Scan:
         del imap
-        from data_engine.synthetic import identity_name
-
         count = self.images_per_identity
         return Scan(identities=[
             Identity(identity_name(i), count, count * _ESTIMATED_JPEG_BYTES, digest="", ref=i)
             for i in range(self.identities)])
 
     def read_identity(self, identity: Identity) -> Iterator[SourceFile]:
-        from data_engine.synthetic import encode_jpeg, render_face
-
         for index in range(self.images_per_identity):
             name = f"{index:04d}.jpg"
             image = render_face(identity.ref, index, seed=self.seed).image

@@ -1,0 +1,190 @@
+"""`--src folder` end to end on a real messy tree, read back by three tar readers."""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+
+import pytest
+
+from data_engine.reader import ShardReader
+from tests.shard_helpers import (
+    jpeg,
+    messy_tree,
+    output_bytes,
+    read_back,
+    rejected_rows,
+    write,
+)
+
+MODULE = "data_engine.shard"
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tree")
+    return root, messy_tree(root)
+
+
+@pytest.fixture(scope="module")
+def sharded(tree, tmp_path_factory):
+    from tests.conftest import run_module
+
+    root, _ = tree
+    out = tmp_path_factory.mktemp("out") / "shards"
+    result = run_module(MODULE, "--src", "folder", "--root", root, "--out", out,
+                        "--shard-size", "20k", "--workers", "2", timeout=120)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_every_file_is_stored_once_or_rejected(tree, sharded):
+    root, expect = tree
+    samples = read_back(sharded)
+    rejected = rejected_rows(sharded)
+    stored: dict[str, bytes] = {}
+    for sample in samples.values():
+        info = json.loads(sample["json"])
+        for j, image in enumerate(info["images"]):
+            path = str(root / info["identity"] / image)
+            assert path not in stored
+            stored[path] = sample[f"{j:04d}.jpg"]
+    assert set(stored).isdisjoint(rejected)
+    assert set(stored) | set(rejected) == set(expect)
+    for path, outcome in expect.items():
+        if outcome == "stored":
+            assert stored[path] == open(path, "rb").read()  # byte-exact pass-through
+        elif outcome == "converted":
+            assert stored[path][:2] == b"\xff\xd8" and stored[path] != open(path, "rb").read()
+        else:
+            assert path in rejected, path
+
+
+def test_reasons_labels_and_manifest(tree, sharded):
+    root, _ = tree
+    rejected = rejected_rows(sharded)
+    reason = {os.path.basename(path): why for path, why in rejected.items()}
+    assert reason["zero.jpg"] == "empty file"
+    assert reason["notes.txt"] == "not an image"
+    assert "truncated" in reason["truncated.jpg"]
+    assert "corrupt" in reason["corrupt.jpg"]
+    assert "unreadable" in reason["dangling.jpg"]
+    assert "identity folder" in reason["stray.jpg"]
+    manifest = json.loads((sharded / "manifest.json").read_text())
+    names = (sharded / "identities.txt").read_text().splitlines()
+    assert names == sorted(names) == ["person_0", "person_1", "person_2", "person_3", "single"]
+    dropped = {d["name"]: d["reason"] for d in manifest["dropped_identities"]}
+    assert dropped == {"empty_person": "no files", "all_bad": "all images rejected"}
+    assert manifest["format_version"] == 1 and manifest["source"] == "folder"
+    assert manifest["image_size"] == [112, 112]
+    assert manifest["num_identities"] == 5 and manifest["num_images"] == 17
+    assert manifest["num_converted"] == 4 and manifest["num_rejected"] == len(rejected) == 7
+    assert len(manifest["shards"]) > 1
+    assert not list(sharded.glob(".*")) and not list((sharded / "parts").glob(".*"))
+
+
+def test_reader_matches_tar_members(sharded):
+    reader = ShardReader(sharded)
+    assert reader.num_identities == 5 and reader.num_images == 17
+    seen = 0
+    for label, name, images in reader.iter_identities():
+        assert reader.identity_name(label) == name
+        shard = reader.shard_paths[int(reader.image_shard[reader.identity_start[label]])]
+        with tarfile.open(shard) as archive:
+            for j, data in enumerate(images):
+                member = archive.extractfile(f"{label:08d}.{j:04d}.jpg")
+                assert member.read() == data
+        assert list(reader.image_labels[reader.identity_images(label)]) == [label] * len(images)
+        seen += len(images)
+    assert seen == reader.num_images
+    assert reader.read_image(reader.num_images - 1)[-2:] == b"\xff\xd9"
+
+
+def test_same_output_with_other_worker_count(tree, sharded, tmp_path, run_cli):
+    root, _ = tree
+    out = tmp_path / "again"
+    result = run_cli(MODULE, "--src", "folder", "--root", root, "--out", out,
+                     "--shard-size", "20k", "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    assert output_bytes(out) == output_bytes(sharded)
+
+
+def test_rerun_on_finished_dir_keeps_it(tree, sharded, run_cli):
+    root, _ = tree
+    before = {p.name: p.stat().st_mtime_ns for p in sharded.glob("shard-*.tar")}
+    result = run_cli(MODULE, "--src", "folder", "--root", root, "--out", sharded,
+                     "--shard-size", "20k", "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    assert "0 to write" in result.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in sharded.glob("shard-*.tar")} == before
+
+
+def test_on_mismatch_reject(tree, tmp_path, run_cli):
+    root, expect = tree
+    out = tmp_path / "strict"
+    result = run_cli(MODULE, "--src", "folder", "--root", root, "--out", out,
+                     "--on-mismatch", "reject", "--verify", "full", "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    rejected = rejected_rows(out)
+    for path, outcome in expect.items():
+        assert (path in rejected) == (outcome != "stored"), path
+    assert "expected a 112x112 colour jpeg" in rejected[str(root / "person_1" / "big.jpg")]
+    read_back(out)
+
+
+def test_refuses_other_dataset_unless_overwrite(tree, sharded, tmp_path, run_cli):
+    other = tmp_path / "other"
+    write(other / "x" / "a.jpg", jpeg(1))
+    result = run_cli(MODULE, "--src", "folder", "--root", other, "--out", sharded)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "different dataset" in lines[0] and "--overwrite" in lines[0]
+    assert "root" in lines[0]
+    foreign = tmp_path / "foreign"
+    write(foreign / "notes.txt", b"mine")
+    result = run_cli(MODULE, "--src", "folder", "--root", other, "--out", foreign)
+    assert result.returncode == 2 and "not written by data_engine.shard" in result.stderr
+    copy = tmp_path / "copy"
+    result = run_cli(MODULE, "--src", "folder", "--root", tree[0], "--out", copy,
+                     "--workers", "1")
+    assert result.returncode == 0
+    result = run_cli(MODULE, "--src", "folder", "--root", other, "--out", copy, "--overwrite",
+                     "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((copy / "manifest.json").read_text())["num_images"] == 1
+    assert len(list(copy.glob("shard-*.tar"))) == 1
+
+
+def _one_line_error(result) -> str:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def test_bad_roots_are_one_line_errors(tmp_path, run_cli):
+    missing = tmp_path / "missing"
+    line = _one_line_error(run_cli(MODULE, "--src", "folder", "--root", missing,
+                                   "--out", tmp_path / "o"))
+    assert str(missing) in line
+    empty = tmp_path / "no_images"
+    (empty / "person").mkdir(parents=True)
+    line = _one_line_error(run_cli(MODULE, "--src", "folder", "--root", empty,
+                                   "--out", tmp_path / "o2"))
+    assert "no images found" in line and str(empty) in line
+
+
+def test_read_only_out(tree, tmp_path, run_cli):
+    """A path under sysfs is read-only even for root; a chmod 555 dir too for other users."""
+    root, _ = tree
+    line = _one_line_error(run_cli(MODULE, "--src", "folder", "--root", root,
+                                   "--out", "/sys/attfc-shards-test"))
+    assert "/sys/attfc-shards-test" in line and "cannot create" in line
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o555)
+        line = _one_line_error(run_cli(MODULE, "--src", "folder", "--root", root,
+                                       "--out", locked))
+        assert str(locked) in line and "not writable" in line

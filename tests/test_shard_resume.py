@@ -1,0 +1,86 @@
+"""Ctrl-C mid-run, then rerun: the result is byte-identical to an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO
+from tests.shard_helpers import jpeg, output_bytes, read_back, write
+
+MODULE = "data_engine.shard"
+ARGS = ["--src", "folder", "--shard-size", "40k", "--workers", "1"]
+
+
+@pytest.fixture(scope="module")
+def slow_tree(tmp_path_factory):
+    """Every identity has large JPEGs that must be resized (slow enough to interrupt) and a
+    few that pass through; one identity in the middle is entirely corrupt (relabelling)."""
+    root = tmp_path_factory.mktemp("slow")
+    big = jpeg(1, (400, 400))
+    for person in range(16):
+        for k in range(3):
+            write(root / f"p{person:02d}" / f"big{k}.jpg", big)
+        write(root / f"p{person:02d}" / "small.jpg", jpeg(person))
+    write(root / "p05_bad" / "a.jpg", b"\xff\xd8 not really")
+    return root
+
+
+def _run(root, out, run_cli):
+    result = run_cli(MODULE, *ARGS, "--root", root, "--out", out)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def reference(slow_tree, tmp_path_factory):
+    from tests.conftest import run_module
+
+    out = tmp_path_factory.mktemp("reference") / "shards"
+    _run(slow_tree, out, run_module)
+    read_back(out)
+    return out
+
+
+def test_interrupt_then_rerun_is_identical(slow_tree, reference, tmp_path, run_cli):
+    out = tmp_path / "interrupted"
+    process = subprocess.Popen(
+        [sys.executable, "-m", MODULE, *ARGS, "--root", str(slow_tree), "--out", str(out)],
+        env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (out / "parts" / "shard-000001.json").exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "data_engine.shard: interrupted"
+    assert not (out / "manifest.json").exists(), "the run finished before the interrupt"
+    assert not list(out.glob(".*")) and not list((out / "parts").glob(".*"))  # no temp files
+    done = sorted(p.name for p in out.glob("shard-*.tar"))
+    assert done
+
+    result = _run(slow_tree, out, run_cli)
+    assert f"{len(done)} already done" in result.stderr
+    assert output_bytes(out) == output_bytes(reference)
+
+
+def test_damaged_shard_is_rewritten(slow_tree, reference, tmp_path, run_cli):
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    shard = out / "shard-000003.tar"
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    (out / "shard-000007.tar").unlink()
+    result = _run(slow_tree, out, run_cli)
+    assert "2 to write" in result.stderr
+    assert output_bytes(out) == output_bytes(reference)
