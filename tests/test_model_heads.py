@@ -1,0 +1,108 @@
+"""FC and Partial FC heads, build_head, and the chunked DCC loss against a dense reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.dcc_ce import masked_dcc_cross_entropy
+from model.heads import HEADS, HeadOutput, build_head
+from model.margins import build_margin
+
+
+def _build(name: str, **kw) -> nn.Module:
+    kw.setdefault("margin", build_margin("arcface", s=4.0, m=0.5))
+    return build_head(name, embedding_size=2, batch_size=2, **kw)
+
+
+def test_fc_loss_by_hand() -> None:
+    head = _build("fc", num_classes=3)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[2.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]))
+    out = head(torch.tensor([[1.0, 1.0]]), torch.tensor([1]))
+    # cos to the classes: 1/√2, 1/√2, −1; positive (class 1): 4·cos(π/4 + 0.5)
+    c = 1 / math.sqrt(2)
+    logits = [4 * c, 4 * math.cos(math.pi / 4 + 0.5), -4.0]
+    expected = -logits[1] + math.log(sum(math.exp(v) for v in logits))
+    assert isinstance(out, HeadOutput) and out.stats == {}
+    assert out.loss.item() == pytest.approx(expected, rel=1e-5)
+    assert not head.needs_class_images
+
+
+def test_partialfc_keeps_every_positive_and_only_sampled_rows_learn() -> None:
+    torch.manual_seed(0)
+    head = _build("partialfc", num_classes=50, sample_rate=0.1)  # 5 rows per step
+    for labels in (torch.tensor([3, 3, 17]), torch.arange(0, 40, 5)):  # 2 and 8 positives
+        index, local = head.sample(labels)
+        assert set(labels.tolist()) <= set(index.tolist())
+        assert len(index) == max(5, labels.unique().numel())
+        assert torch.equal(index[local], labels)
+    labels, features = torch.tensor([3, 17]), torch.randn(2, 2)
+    torch.manual_seed(1)
+    index, _ = head.sample(labels)
+    torch.manual_seed(1)  # the forward draws the same sample
+    head(features, labels).loss.backward()
+    touched = head.weight.grad.abs().sum(dim=1).nonzero().flatten()
+    assert set(touched.tolist()) <= set(index.tolist())
+    assert {3, 17} <= set(touched.tolist())
+
+
+def test_partialfc_full_rate_equals_fc() -> None:
+    torch.manual_seed(0)
+    fc, pfc = _build("fc", num_classes=7), _build("partialfc", num_classes=7, sample_rate=1.0)
+    pfc.load_state_dict(fc.state_dict())
+    features, labels = torch.randn(2, 2), torch.tensor([1, 5])
+    torch.testing.assert_close(fc(features, labels).loss, pfc(features, labels).loss)
+
+
+def test_build_head_names_and_errors() -> None:
+    assert set(HEADS) == {"attfc", "fc", "partialfc"}
+    with pytest.raises(ValueError, match="unknown head"):
+        _build("arcfc", num_classes=4)
+    with pytest.raises(ValueError, match="feature_encoder"):
+        _build("attfc", num_classes=4)
+    for name in ("fc", "partialfc"):
+        head = _build(name, num_classes=4)
+        head.after_optimizer_step(nn.Linear(1, 1))  # no-op for trained heads
+        assert head.weight.shape == (4, 2)
+
+
+def _dense_reference(f_unit, positive, centers, center_labels, labels, slots, scale):
+    logits = scale * f_unit @ centers.t()
+    same = center_labels[None, :] == labels[:, None]
+    logits = logits.masked_fill(same, float("-inf"))
+    rows = torch.arange(len(labels))
+    logits = logits.index_put((rows, slots), positive)
+    return F.cross_entropy(logits, slots), int(same.sum()) - len(labels)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5, 64])
+def test_chunked_loss_and_gradient_match_dense(chunk: int) -> None:
+    torch.manual_seed(0)
+    batch, dim, size = 6, 5, 13
+    margin = build_margin("arcface", s=16.0)
+    centers = F.normalize(torch.randn(size, dim), dim=1)
+    center_labels = torch.randint(0, 4, (size,))
+    labels = torch.randint(0, 4, (batch,))
+    slots = torch.randperm(size)[:batch]
+    center_labels[slots] = labels  # each own w⁺ is in the container (push before loss)
+    features = torch.randn(batch, dim, requires_grad=True)
+
+    def run(fn):
+        f_unit = F.normalize(features, dim=1)
+        positive = margin((f_unit * centers[slots]).sum(dim=1))
+        loss, masked = fn(f_unit, positive)
+        (grad,) = torch.autograd.grad(loss, features)
+        return loss, int(masked), grad
+
+    got = run(lambda f, p: masked_dcc_cross_entropy(f, p, centers, center_labels, labels,
+                                                    margin.scale, chunk))
+    ref = run(lambda f, p: _dense_reference(f, p, centers, center_labels, labels, slots,
+                                            margin.scale))
+    torch.testing.assert_close(got[0], ref[0])
+    assert got[1] == ref[1] > 0
+    torch.testing.assert_close(got[2], ref[2])
