@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import tarfile
 
@@ -66,6 +67,7 @@ def test_tar_writer_is_deterministic_and_standard(tmp_path):
     assert results[0] == results[1]
     (size, sha), offsets, raw = results[0]
     assert size == len(raw) and size % 10240 == 0
+    assert sha == hashlib.sha256(raw).hexdigest()
     with tarfile.open(tmp_path / "a.tar") as archive:
         for info, (name, data), offset in zip(archive.getmembers(), members, offsets):
             assert (info.name, info.size, info.offset_data, info.mtime) == (
