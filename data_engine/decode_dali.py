@@ -106,15 +106,28 @@ class DaliBatches:
 
 def _decode_on_cpu(step: StepPlan, data: list[np.ndarray], source: ImageSource,
                    error: RuntimeError) -> tuple[torch.Tensor, int]:
-    """Decode a step DALI failed on with simplejpeg: names (or replaces) the bad image."""
+    """Redo a step DALI's decoder failed on: name the bad image, or replace it (skip_bad).
+
+    simplejpeg in strict mode finds the culprit (data that decodes only with warnings, e.g.
+    cut short); then the step is decoded on the CPU, exactly as the torch backend would.
+    """
+    import simplejpeg
+
+    encoded = [array.tobytes() for array in data]
+    replaced = 0
+    for i, image_id in enumerate(step.all_image_ids.tolist()):
+        try:
+            simplejpeg.decode_jpeg(encoded[i], "RGB", strict=True)
+        except ValueError as why:
+            encoded[i] = source.replace(image_id, f"JPEG does not decode: {why}")
+            replaced += 1
+    if not replaced:  # every image decodes: not a data problem, keep DALI's error
+        raise error
     size = source.image_size
-    pixels = torch.empty((len(data), size, size, 3), dtype=torch.uint8)
+    pixels = torch.empty((len(encoded), size, size, 3), dtype=torch.uint8)
     out = pixels.numpy()
     scratch = np.empty((size, size * 3), np.uint8)
-    replaced = 0
     for i, (image_id, flip) in enumerate(zip(step.all_image_ids.tolist(),
                                              step.all_flips.tolist())):
-        replaced += decode_into(out[i], scratch, data[i].tobytes(), flip, source, image_id)
-    if not replaced:  # simplejpeg decodes every image: not a data problem, keep DALI's error
-        raise error
+        decode_into(out[i], scratch, encoded[i], flip, source, image_id)
     return pixels, replaced

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "dali", "torch")
+_EOI = b"\xff\xd9"  # some encoders pad after it with zeros
+_MAX_WARNINGS = 10  # per process: a damaged shard should not flood the log
 
 
 class DataError(UserError):
@@ -79,6 +81,7 @@ class ImageSource:
         self.image_size = image_size
         self.skip_bad = skip_bad
         self._reader: ShardReader | None = None
+        self._warned = 0
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_reader": None}
@@ -107,6 +110,8 @@ class ImageSource:
             return f"truncated: read {len(data)} of {expected} bytes"
         if data[:2] != b"\xff\xd8":
             return "not a JPEG (no start-of-image marker)"
+        if not (data.endswith(_EOI) or data.rstrip(b"\x00").endswith(_EOI)):
+            return "truncated JPEG (no end-of-image marker)"
         try:
             height, width, _, _ = simplejpeg.decode_jpeg_header(data)
         except ValueError as error:
@@ -117,8 +122,7 @@ class ImageSource:
 
     def read(self, image_id: int) -> tuple[bytes, bool]:
         """Checked bytes of ``image_id`` and whether they are a replacement."""
-        data = self._read_raw(image_id)
-        why = self.problem(image_id, data)
+        data, why = self._read_checked(image_id)
         if why is None:
             return data, False
         return self.replace(image_id, why), True
@@ -128,22 +132,27 @@ class ImageSource:
         if not self.skip_bad:
             raise DataError(f"bad image in {self.where(image_id)}: {why}; "
                             "rerun with --skip-bad to skip such images")
-        log.warning("skipping bad image in %s: %s", self.where(image_id), why)
+        self._warned += 1
+        if self._warned <= _MAX_WARNINGS:
+            log.warning("skipping bad image in %s: %s%s", self.where(image_id), why,
+                        " (further ones are only counted)" if self._warned == _MAX_WARNINGS
+                        else "")
         reader = self.reader
         label = int(reader.image_labels[image_id])
         first, end = int(reader.identity_start[label]), int(reader.identity_start[label + 1])
         for offset in range(1, end - first):
             other = first + (image_id - first + offset) % (end - first)
-            data = self._read_raw(other)
-            if self.problem(other, data) is None:
+            data, other_why = self._read_checked(other)
+            if other_why is None:
                 return data
         return _grey_jpeg(self.image_size)
 
-    def _read_raw(self, image_id: int) -> bytes:
+    def _read_checked(self, image_id: int) -> tuple[bytes, str | None]:
         try:
-            return self.reader.read_image(image_id)
-        except OSError as error:
-            raise DataError(f"cannot read {self.where(image_id)}: {error}") from error
+            data = self.reader.read_image(image_id)
+        except (OSError, UserError) as error:  # the reader reports short reads as UserError
+            return b"", f"unreadable ({error})"
+        return data, self.problem(image_id, data)
 
 
 def _grey_jpeg(size: int) -> bytes:
@@ -223,8 +232,12 @@ def build_loader(shards_dir: str | Path, batch_size: int, k: int, *, seed: int, 
                      drop_last=drop_last)
     if not 0 <= start_step <= len(plan):
         raise UserError(f"start step {start_step} outside 0..{len(plan)} for this epoch")
-    image_size = int(reader.manifest.get("image_size", 112))
-    source = ImageSource(Path(shards_dir), image_size, skip_bad)
+    size = reader.manifest.get("image_size", 112)
+    height, width = (size, size) if isinstance(size, int) else size
+    if height != width:
+        raise UserError(f"{shards_dir}: images are {width}x{height}; the loader needs square "
+                        "face crops (112x112)")
+    source = ImageSource(Path(shards_dir), int(height), skip_bad)
     return Loader(plan, source, start_step=start_step, backend=resolve_backend(backend),
                   device=resolve_device(device), workers=workers or os.cpu_count() or 1,
                   num_classes=reader.num_identities)

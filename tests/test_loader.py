@@ -1,0 +1,237 @@
+"""Sampler and loader on real shards made by ``python -m data_engine.shard --src folder``."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from data_engine.loader import DataError, build_loader
+from data_engine.reader import ShardReader
+from data_engine.sampler import (
+    EpochPlan,
+    labels_from_starts,
+    same_identity_pair_rate,
+    uniform_pair_rate,
+)
+from data_engine.synthetic import encode_jpeg, render_face
+from tests.conftest import run_module
+
+# Image counts per identity, k=2: alone, fewer than k others, exactly k, more than k.
+COUNTS = [1, 2, 3, 4, 6, 9] * 8  # 48 identities, 200 images
+K = 2
+PIXEL_TOLERANCE = 2  # max |dali - torch| per pixel; measured 0 (both use libjpeg-turbo)
+
+
+def _make_tree(root: Path, counts: list[int], cut: tuple[int, int] | None = None) -> None:
+    """root/<identity>/<image>.jpg of real JPEGs; ``cut`` = (identity, image) made short."""
+    for identity, count in enumerate(counts):
+        folder = root / f"person_{identity:03d}"
+        folder.mkdir(parents=True)
+        for index in range(count):
+            data = encode_jpeg(render_face(identity, index).image)
+            if (identity, index) == cut:
+                data = data[:len(data) * 2 // 3]
+            (folder / f"{index:04d}.jpg").write_bytes(data)
+
+
+def _shard(tree: Path, out: Path, *extra: str) -> Path:
+    result = run_module("data_engine.shard", "--src", "folder", "--root", tree, "--out", out,
+                        "--workers", "1", *extra, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("loader")
+    _make_tree(base / "tree", COUNTS)
+    return _shard(base / "tree", base / "shards")
+
+
+def _collect(loader) -> dict[str, torch.Tensor]:
+    """All batches of a loader, concatenated (pixels as NCHW-contiguous copies)."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for batch in loader:
+        for name in ("identity", "classes", "labels", "image_ids", "class_image_ids"):
+            parts.setdefault(name, []).append(getattr(batch, name).contiguous().clone())
+    return {name: torch.cat(values) for name, values in parts.items()}
+
+
+def test_epoch_plan_covers_each_image_once_with_valid_class_images(shards: Path) -> None:
+    reader = ShardReader(shards)
+    starts = reader.identity_start
+    assert np.diff(starts).tolist() == COUNTS
+    labels = labels_from_starts(starts)
+    plan = EpochPlan(starts, 7, K, seed=5, drop_last=False)
+    steps = list(plan.steps())
+    ids = np.concatenate([s.image_ids for s in steps])
+    assert sorted(ids.tolist()) == list(range(len(labels)))  # every image exactly once
+    assert all(len(s.image_ids) == 7 for s in steps[:-1]) and len(steps[-1].image_ids) == 4
+    for step in steps:
+        assert step.class_image_ids.shape == (len(step.image_ids), K)
+        assert (labels[step.class_image_ids] == step.labels[:, None]).all()
+        for image_id, label, classes in zip(step.image_ids, step.labels, step.class_image_ids):
+            others = set(range(starts[label], starts[label + 1])) - {image_id}
+            if not others:  # alone: the image is its own class image
+                assert set(classes) == {image_id}
+            elif len(others) >= K:  # enough others: distinct, never the image itself
+                assert len(set(classes)) == K and set(classes) <= others
+            else:  # fewer: every other image first, then repeats
+                assert set(classes) == others
+    assert len(EpochPlan(starts, 7, K, seed=5)) == len(labels) // 7  # drop_last
+
+
+def test_plan_is_a_function_of_seed_and_epoch() -> None:
+    starts = np.concatenate([[0], np.cumsum(COUNTS)])
+
+    def first(seed: int, epoch: int):
+        step = EpochPlan(starts, 16, K, seed=seed, epoch=epoch).step(3)
+        return step.image_ids, step.class_image_ids, step.flips
+
+    same = zip(first(1, 0), first(1, 0))
+    assert all(np.array_equal(a, b) for a, b in same)
+    assert not np.array_equal(first(1, 0)[0], first(1, 1)[0])
+    assert not np.array_equal(first(1, 0)[0], first(2, 0)[0])
+    flips = EpochPlan(starts, 200, K, seed=1).step(0).flips
+    assert 0.4 < flips.mean() < 0.6
+
+
+def test_same_identity_pair_rate_matches_uniform_permutation() -> None:
+    rng = np.random.default_rng(0)
+    starts = np.concatenate([[0], np.cumsum(rng.integers(1, 60, size=2000))])
+    plan = EpochPlan(starts, 384, K, seed=0)
+    measured = np.mean([same_identity_pair_rate(plan.step(s).labels) for s in range(len(plan))])
+    expected = uniform_pair_rate(starts)
+    assert abs(measured / expected - 1) < 0.05, (measured, expected)
+
+
+def test_torch_loader_batches_and_resume(shards: Path) -> None:
+    def loader(start_step: int = 0):
+        return build_loader(shards, 6, K, seed=3, epoch=1, start_step=start_step,
+                            backend="torch", device="cpu", workers=2)
+
+    full = _collect(loader())
+    assert len(loader()) == 200 // 6
+    assert full["identity"].shape == (33 * 6, 3, 112, 112)
+    assert full["classes"].shape == (33 * 6, K, 3, 112, 112)
+    assert full["labels"].dtype == torch.int64
+    plan = EpochPlan(ShardReader(shards).identity_start, 6, K, seed=3, epoch=1)
+    assert full["image_ids"].tolist() == np.concatenate(
+        [s.image_ids for s in plan.steps()]).tolist()
+    tail = _collect(loader(start_step=20))
+    for name, values in tail.items():
+        assert torch.equal(values, full[name][20 * 6:]), name
+    # Pixels: the decoded JPEG, mirrored exactly where the plan says.
+    reader = ShardReader(shards)
+    step = plan.step(0)
+    for row in range(6):
+        from simplejpeg import decode_jpeg
+
+        image = decode_jpeg(reader.read_image(int(step.image_ids[row])), "RGB")
+        if step.flips[row, 0]:
+            image = image[:, ::-1]
+        assert torch.equal(full["identity"][row], torch.from_numpy(image.copy()).permute(2, 0, 1))
+
+
+def test_hoarded_batches_stay_intact(shards: Path) -> None:
+    """Batches the caller keeps are not overwritten when the worker ring turns."""
+    kept = list(build_loader(shards, 4, K, seed=0, backend="torch", device="cpu", workers=2))
+    again = _collect(build_loader(shards, 4, K, seed=0, backend="torch", device="cpu",
+                                  workers=0))
+    assert torch.equal(torch.cat([b.identity for b in kept]), again["identity"])
+    assert torch.equal(torch.cat([b.classes for b in kept]), again["classes"])
+
+
+def test_dali_cpu_and_torch_agree(shards: Path) -> None:
+    pytest.importorskip("nvidia.dali")
+    kwargs = dict(seed=9, device="cpu", workers=2, drop_last=False)
+    dali = _collect(build_loader(shards, 16, K, backend="dali", **kwargs))
+    ours = _collect(build_loader(shards, 16, K, backend="torch", **kwargs))
+    for name in ("labels", "image_ids", "class_image_ids"):
+        assert torch.equal(dali[name], ours[name]), name
+    for name in ("identity", "classes"):
+        diff = (dali[name].int() - ours[name].int()).abs().max().item()
+        assert diff <= PIXEL_TOLERANCE, (name, diff)
+    tail = _collect(build_loader(shards, 16, K, backend="dali", start_step=5, **kwargs))
+    assert torch.equal(tail["identity"], dali["identity"][5 * 16:])
+
+
+def _damage(shards: Path, tmp_path: Path, how: str) -> tuple[Path, int]:
+    """A copy of ``shards`` with one image overwritten or cut off; returns (dir, image id)."""
+    copy = tmp_path / "damaged"
+    shutil.copytree(shards, copy)
+    reader = ShardReader(copy)
+    if how == "overwrite":
+        image_id = 57
+        path = reader.shard_paths[int(reader.image_shard[image_id])]
+        with open(path, "r+b") as handle:
+            handle.seek(int(reader.image_offset[image_id]))
+            handle.write(b"\x00" * 64)
+    else:  # truncate the last shard inside its last image
+        image_id = reader.num_images - 1
+        path = reader.shard_paths[int(reader.image_shard[image_id])]
+        with open(path, "r+b") as handle:
+            handle.truncate(int(reader.image_offset[image_id]) + 100)
+    return copy, image_id
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+@pytest.mark.parametrize("how", ["overwrite", "truncate"])
+def test_corrupt_data_raises_or_is_skipped(shards: Path, tmp_path: Path, backend: str,
+                                           how: str) -> None:
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    damaged, bad_id = _damage(shards, tmp_path, how)
+    reader = ShardReader(damaged)
+    kwargs = dict(seed=1, backend=backend, device="cpu", workers=2, drop_last=False)
+    with pytest.raises(DataError) as error:
+        _collect(build_loader(damaged, 16, K, **kwargs))
+    shard = reader.shard_paths[int(reader.image_shard[bad_id])]
+    assert f"{shard} at byte offset {int(reader.image_offset[bad_id])}" in str(error.value)
+
+    loader = build_loader(damaged, 16, K, skip_bad=True, **kwargs)
+    batches = _collect(loader)
+    clean = _collect(build_loader(shards, 16, K, **kwargs))
+    uses = int((batches["image_ids"] == bad_id).sum() + (batches["class_image_ids"] == bad_id)
+               .sum())
+    assert loader.skipped == uses >= 1
+    assert torch.equal(batches["labels"], clean["labels"])
+    good = batches["image_ids"] != bad_id
+    assert torch.equal(batches["identity"][good], clean["identity"][good])
+
+
+def test_dali_decoder_failure_is_located(shards: Path, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Data that passes the cheap checks but fails in DALI's decoder is named, or skipped."""
+    pytest.importorskip("nvidia.dali")
+    from data_engine.loader import ImageSource
+
+    _make_tree(tmp_path / "tree", COUNTS[:6], cut=(5, 2))
+    cut = _shard(tmp_path / "tree", tmp_path / "shards", "--verify", "none")
+    monkeypatch.setattr(ImageSource, "problem", lambda self, image_id, data: None)
+    kwargs = dict(seed=0, backend="dali", device="cpu", workers=1, drop_last=False)
+    with pytest.raises(DataError, match="JPEG does not decode"):
+        _collect(build_loader(cut, 5, K, **kwargs))
+    loader = build_loader(cut, 5, K, skip_bad=True, **kwargs)
+    assert len(_collect(loader)["labels"]) == sum(COUNTS[:6]) and loader.skipped >= 1
+
+
+def test_memory_stays_bounded(shards: Path) -> None:
+    process = psutil.Process()
+
+    def rss() -> int:
+        return process.memory_info().rss + sum(
+            child.memory_info().rss for child in process.children(recursive=True))
+
+    loader = build_loader(shards, 1, K, seed=0, backend="torch", device="cpu", workers=2)
+    seen = {}
+    for step, _ in enumerate(loader, 1):
+        if step in (20, 200):
+            seen[step] = rss()
+    assert step == 200
+    assert seen[200] - seen[20] < 16 * 2**20, seen
