@@ -15,7 +15,15 @@ from functools import lru_cache
 import numpy as np
 import simplejpeg
 
-from data_engine.synthetic_params import Identity, Shot, sample_identity, sample_shot
+from data_engine.synthetic_params import (
+    FAMILY_SIZE,
+    Identity,
+    Shot,
+    blend_family,
+    drift_identity,
+    sample_identity,
+    sample_shot,
+)
 from data_engine.synthetic_render import TEMPLATE_CENTER, Canvas, feature_points, finish, paint_face
 
 ARCFACE_TEMPLATE = np.array(
@@ -26,6 +34,7 @@ ALIGNED_SIZE = 112
 # Stream tags keep the identity and photo random streams apart (SeedSequence pads short
 # entropy with zeros, so [seed, id] alone could collide with [seed, id, 0]).
 _IDENTITY_STREAM = 0x1DE7
+_FAMILY_STREAM = 0xFA31
 _SHOT_STREAM = 0x5A07
 _TEMPLATE_IOD = float(np.linalg.norm(ARCFACE_TEMPLATE[1] - ARCFACE_TEMPLATE[0]))
 
@@ -46,7 +55,10 @@ def identity_name(identity: int) -> str:
 
 @lru_cache(maxsize=16384)
 def _person(seed: int, identity: int) -> Identity:
-    return sample_identity(np.random.default_rng([seed, identity, _IDENTITY_STREAM]))
+    """A person: their own random traits pulled towards their family's (look-alikes)."""
+    family = np.random.default_rng([seed, identity // FAMILY_SIZE, _FAMILY_STREAM])
+    own = np.random.default_rng([seed, identity, _IDENTITY_STREAM])
+    return blend_family(sample_identity(family), sample_identity(own))
 
 
 def render_face(identity: int, image_index: int, *, seed: int = 0,
@@ -59,9 +71,9 @@ def render_face(identity: int, image_index: int, *, seed: int = 0,
     for name, value in (("identity", identity), ("image_index", image_index), ("seed", seed)):
         if int(value) != value or value < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    person = _person(int(seed), int(identity))
     rng = np.random.default_rng([seed, identity, image_index, _SHOT_STREAM])
     shot = sample_shot(rng)
+    person = drift_identity(_person(int(seed), int(identity)), rng)
     if loose:
         width, height, to_image = _loose_placement(shot, rng)
     else:

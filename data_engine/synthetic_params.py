@@ -7,7 +7,8 @@ All coordinates are in the canonical 112x112 ArcFace frame ("template pixels").
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from functools import lru_cache
 
 import numpy as np
 
@@ -15,6 +16,14 @@ Color = tuple[float, float, float]
 
 QUALITIES = ("good", "blur", "occluded", "lowres", "noisy")
 LOW_QUALITY_SHARE = 0.22
+# Consecutive identities form families of look-alikes: hard impostor pairs, so that low-FAR
+# metrics do not saturate. An individual keeps this share of their own traits.
+FAMILY_SIZE = 3
+INDIVIDUALITY = 0.55
+# Each photo moves a person's numeric traits by this many population standard deviations
+# (age, make-up, camera): identities close in trait space become genuinely confusable.
+SHOT_DRIFT = 0.4
+_WAVE_PHASE_DRIFT = 0.6
 
 _LIGHT_SKIN = np.array([238.0, 204.0, 180.0])
 _DARK_SKIN = np.array([98.0, 66.0, 48.0])
@@ -88,7 +97,13 @@ class Shot:
     occluder: str  # "", "sunglasses", "rectangle", "hand"
     occluder_box: tuple[float, float, float, float]  # (cx, cy, half-width, half-height)
     occluder_color: Color
+    glasses_roll: float  # wearers take glasses off sometimes, others borrow some
+    hair_shift: float
     damage: float  # blur radius, low-res factor, or noise sigma, in template pixels
+
+
+_NUMERIC_TRAITS = tuple(f.name for f in fields(Identity)
+                        if f.type in ("float", "Color", "tuple[float, float]"))
 
 
 def _color(rng: np.random.Generator, base: np.ndarray, jitter: float) -> Color:
@@ -148,6 +163,54 @@ def sample_identity(rng: np.random.Generator) -> Identity:
     )
 
 
+def blend_family(family: Identity, own: Identity) -> Identity:
+    """Pull an individual's numeric traits towards their family's; keep discrete ones."""
+    theirs = _traits(family, _NUMERIC_TRAITS)
+    mine = _traits(own, _NUMERIC_TRAITS)
+    return _with_traits(own, _NUMERIC_TRAITS, theirs + INDIVIDUALITY * (mine - theirs))
+
+
+# Whether someone wears a beard is who they are; drifting it would grow faint beards.
+_DRIFTING_TRAITS = tuple(name for name in _NUMERIC_TRAITS if name != "beard")
+
+
+@lru_cache(maxsize=1)
+def _trait_spread() -> np.ndarray:
+    """Population standard deviation of each drifting trait (flattened), from a fixed sample."""
+    people = [sample_identity(np.random.default_rng([0x5B8E, k])) for k in range(400)]
+    return np.std([_traits(p, _DRIFTING_TRAITS) for p in people], axis=0)
+
+
+def drift_identity(person: Identity, rng: np.random.Generator) -> Identity:
+    """How this person looks in one photo: every numeric trait nudged a little."""
+    spread = _trait_spread()
+    moved = _traits(person, _DRIFTING_TRAITS) + rng.normal(0.0, SHOT_DRIFT, spread.shape) * spread
+    phases = rng.normal(0.0, _WAVE_PHASE_DRIFT, len(person.waves)).tolist()
+    waves = tuple((kx, ky, phase + shift, amplitude)
+                  for (kx, ky, phase, amplitude), shift in zip(person.waves, phases))
+    return replace(_with_traits(person, _DRIFTING_TRAITS, moved), waves=waves)
+
+
+def _traits(person: Identity, names: tuple[str, ...]) -> np.ndarray:
+    return np.hstack([getattr(person, name) for name in names])
+
+
+def _with_traits(person: Identity, names: tuple[str, ...], flat: np.ndarray) -> Identity:
+    """Inverse of _traits: put a flat vector back into the named float / tuple fields."""
+    values: dict[str, object] = {}
+    items = flat.tolist()
+    start = 0
+    for name in names:
+        if isinstance(getattr(person, name), float):
+            values[name] = items[start]
+            start += 1
+        else:
+            size = len(getattr(person, name))
+            values[name] = tuple(items[start:start + size])
+            start += size
+    return replace(person, **values)
+
+
 def _quality(rng: np.random.Generator) -> tuple[str, str, float]:
     """Pick the photo's damage: about LOW_QUALITY_SHARE of shots are degraded."""
     if rng.random() >= LOW_QUALITY_SHARE:
@@ -178,7 +241,7 @@ def sample_shot(rng: np.random.Generator) -> Shot:
         light_strength=float(rng.uniform(0.0, 0.5)),
         brightness=float(rng.uniform(0.65, 1.25)),
         contrast=float(rng.uniform(0.75, 1.2)),
-        cast=_color(rng, np.ones(3), 0.06),
+        cast=_color(rng, np.ones(3), 0.08),
         background=_color(rng, rng.uniform(30, 225, 3), 0.0),
         background_tilt=(float(rng.uniform(0, 2 * np.pi)), float(rng.uniform(0, 80))),
         clothing=_color(rng, rng.uniform(20, 230, 3), 0.0),
@@ -188,5 +251,7 @@ def sample_shot(rng: np.random.Generator) -> Shot:
         occluder_box=(float(rng.uniform(35, 77)), float(rng.uniform(60, 100)),
                       float(rng.uniform(14, 26)), float(rng.uniform(10, 20))),
         occluder_color=_color(rng, rng.uniform(20, 230, 3), 0.0),
+        glasses_roll=float(rng.random()),
+        hair_shift=float(rng.uniform(-2.5, 2.5)),
         damage=damage,
     )

@@ -117,15 +117,23 @@ def paint_face(canvas: Canvas, person: Identity, shot: Shot, points: np.ndarray)
     if not person.bald:
         _paint_hair_back(canvas, person, face_x)
     _paint_ears(canvas, person, face_x, points)
-    _paint_head(canvas, person, face_x, points)
+    _paint_head(canvas, person, shot, face_x, points)
     for side, eye in ((-1.0, points[0]), (1.0, points[1])):
         _paint_brow(canvas, person, shot, side, eye)
         _paint_eye(canvas, person, shot, side, eye)
     _paint_nose(canvas, person, points)
     _paint_mouth(canvas, person, shot, points)
-    if person.glasses is not None:
-        _paint_glasses(canvas, person, points, person.glasses, filled=False)
+    glasses = _glasses(person, shot)
+    if glasses is not None:
+        _paint_glasses(canvas, person, points, glasses, filled=False)
     _paint_occluder(canvas, person, shot, points)
+
+
+def _glasses(person: Identity, shot: Shot) -> object | None:
+    """Frame colour if glasses are worn in this shot: mostly, not always, by their owners."""
+    if person.glasses is not None:
+        return person.glasses if shot.glasses_roll < 0.8 else None
+    return shot.occluder_color if shot.glasses_roll > 0.96 else None
 
 
 def _paint_background(canvas: Canvas, shot: Shot) -> None:
@@ -177,7 +185,8 @@ def _head_coverage(canvas: Canvas, person: Identity, face_x: float, win: Window
     return canvas.edge((r - 1.0) * person.face_ax), r
 
 
-def _paint_head(canvas: Canvas, person: Identity, face_x: float, points: np.ndarray) -> None:
+def _paint_head(canvas: Canvas, person: Identity, shot: Shot, face_x: float,
+                points: np.ndarray) -> None:
     win = canvas.window(face_x, person.face_center_y, max(person.face_ax, person.face_ay) + 2)
     alpha, r = _head_coverage(canvas, person, face_x, win)
     X, Y = canvas.grid(win)
@@ -194,7 +203,7 @@ def _paint_head(canvas: Canvas, person: Identity, face_x: float, points: np.ndar
         beard = alpha * person.beard * unit_clip((Y - top) / 3.0)
         canvas.paint(win, beard, np.asarray(person.hair) * 0.85)
     if not person.bald:
-        hairline = person.hairline_y + person.hairline_curve * (X - face_x) ** 2
+        hairline = person.hairline_y + shot.hair_shift + person.hairline_curve * (X - face_x) ** 2
         canvas.paint(win, alpha * canvas.edge(Y - hairline), person.hair)
 
 

