@@ -1,0 +1,275 @@
+"""Loader images/s vs the official AttFC loader approach and vs raw JPEG decode, one run.
+
+Three rates on the same images (those of the first ``--steps`` steps of epoch 0):
+- ours: ``data_engine.build_loader`` (identity image + k class images per sample);
+- baseline: the official AttFC approach: torch DataLoader over an image folder, per file
+  PIL open + convert("RGB") + random flip + to-tensor, same k and B, workers = cores;
+- decode: simplejpeg decode of the same bytes in a process pool over all cores, nothing else
+  (the ceiling for any CPU loader).
+The last line printed is one JSON object with the numbers and ratios.
+
+examples:
+  .venv/bin/python bench/loader.py --shards /tmp/bench_shards --make-shards 800 --backend torch
+  .venv/bin/python bench/loader.py --shards /data/ms1mv3 --k 2 --batch-size 384 --backend dali
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.cli import ArgumentParser, UserError, positive_int, run_cli, setup_logging
+from common.progress import Progress
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="bench/loader.py", description=__doc__)
+    parser.add_argument("--shards", required=True, type=Path, help="shards dir")
+    parser.add_argument("--make-shards", type=positive_int, metavar="N",
+                        help="if --shards is missing: render N synthetic identities (real "
+                             "JPEGs, 4-20 images each) and shard them with data_engine.shard")
+    parser.add_argument("--k", type=positive_int, default=2, help="class images per sample")
+    parser.add_argument("--batch-size", type=positive_int, default=384)
+    parser.add_argument("--backend", choices=("auto", "dali", "torch"), default="auto")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--workers", type=positive_int, default=os.cpu_count(),
+                        help="decode processes/threads for every contender")
+    parser.add_argument("--steps", type=positive_int, default=16,
+                        help="steps timed per contender (after one warm-up step)")
+    parser.add_argument("--repeats", type=positive_int, default=2,
+                        help="rounds of (decode, ours, baseline); the best rate of each counts, "
+                             "which damps noise from other work on the machine")
+    parser.add_argument("--folder", type=Path,
+                        help="image folder for the baseline (default: extract the shards to a "
+                             "temporary folder)")
+    return parser
+
+
+# --- test data ------------------------------------------------------------------------------
+
+def _render_identity(task: tuple[Path, int]) -> int:
+    from data_engine.synthetic import encode_jpeg, render_face
+
+    root, identity = task
+    folder = root / f"id_{identity:06d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    count = 4 + identity * 7919 % 17  # 4..20 images, deterministic
+    for index in range(count):
+        (folder / f"{index:04d}.jpg").write_bytes(encode_jpeg(render_face(identity, index).image))
+    return count
+
+
+def make_shards(shards: Path, identities: int, workers: int) -> None:
+    """Render a folder tree of real JPEG faces and shard it with the real CLI."""
+    tree = shards.with_name(shards.name + "-src")
+    with mp.Pool(workers) as pool, Progress(identities, "render identities", "id") as progress:
+        for _ in pool.imap_unordered(_render_identity, [(tree, i) for i in range(identities)]):
+            progress.update()
+    subprocess.run([sys.executable, "-m", "data_engine.shard", "--src", "folder", "--root",
+                    str(tree), "--out", str(shards), "--workers", str(workers)], check=True,
+                   env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+
+
+def extract_folder(shards: Path, folder: Path) -> list[str]:
+    """Write every image of the shards to folder/<label>/<n>.jpg; paths by image id."""
+    from data_engine.reader import ShardReader
+
+    paths = []
+    reader = ShardReader(shards)
+    for label, _, images in reader.iter_identities():
+        directory = folder / f"{label:08d}"
+        directory.mkdir(parents=True, exist_ok=True)
+        for index, data in enumerate(images):
+            path = directory / f"{index:04d}.jpg"
+            path.write_bytes(data)
+            paths.append(str(path))
+    return paths
+
+
+# --- contenders -----------------------------------------------------------------------------
+
+def time_ours(args, plan_steps: int) -> tuple[float, float, str]:
+    """(steady images/s, seconds to the first batch, backend used) of build_loader."""
+    from data_engine.loader import build_loader
+
+    start = time.perf_counter()
+    loader = build_loader(args.shards, args.batch_size, args.k, seed=0, backend=args.backend,
+                          device=args.device, workers=args.workers)
+    first = None
+    images = 0
+    for step, batch in enumerate(loader):
+        if step == 0:
+            _sync(batch.identity)
+            first = time.perf_counter()
+            continue
+        images += batch.identity.shape[0] + batch.classes.shape[0] * batch.classes.shape[1]
+        if step == plan_steps:
+            break
+    _sync(batch.identity)
+    return images / (time.perf_counter() - first), first - start, loader.backend
+
+
+def _sync(tensor) -> None:
+    if tensor.is_cuda:
+        import torch
+
+        torch.cuda.synchronize()
+
+
+class _OfficialStyle:
+    """Per-sample dataset as the official AttFC code does it: one PIL pipeline per file."""
+
+    def __init__(self, paths: list[str], samples: list[tuple[int, list[int], int]]) -> None:
+        self.paths = paths
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _load(self, image_id: int, flip: bool):
+        import torch
+        from PIL import Image
+
+        image = Image.open(self.paths[image_id]).convert("RGB")
+        if flip:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        array = np.array(image, dtype=np.uint8)  # to-tensor: CHW float in [0, 1]
+        return torch.from_numpy(array).permute(2, 0, 1).float().div_(255)
+
+    def __getitem__(self, index: int):
+        import torch
+
+        image_id, class_ids, label = self.samples[index]
+        flips = np.random.random(len(class_ids) + 1) < 0.5
+        image = self._load(image_id, flips[0])
+        classes = torch.stack([self._load(c, f) for c, f in zip(class_ids, flips[1:])])
+        return image, classes, label
+
+
+def time_baseline(args, paths: list[str], plan) -> float:
+    """Steady images/s of the official-style DataLoader on the same samples."""
+    from torch.utils.data import DataLoader
+
+    samples = []
+    for step in plan.steps():
+        samples += [(int(i), c.tolist(), int(label)) for i, c, label in
+                    zip(step.image_ids, step.class_image_ids, step.labels)]
+        if len(samples) >= (args.steps + 1) * args.batch_size:
+            break
+    loader = DataLoader(_OfficialStyle(paths, samples), batch_size=args.batch_size,
+                        num_workers=args.workers, drop_last=True)
+    images = 0
+    for step, (image, classes, _) in enumerate(loader):
+        if step == 0:
+            first = time.perf_counter()
+            continue
+        images += image.shape[0] + classes.shape[0] * classes.shape[1]
+    return images / (time.perf_counter() - first)
+
+
+_DECODE_BYTES: list[bytes] = []
+
+
+def _load_share(shards: str, ids: np.ndarray) -> None:
+    from data_engine.reader import ShardReader
+
+    reader = ShardReader(shards)
+    _DECODE_BYTES[:] = [reader.read_image(int(i)) for i in ids]
+
+
+def _decode_share(_: int) -> int:
+    import simplejpeg
+
+    for data in _DECODE_BYTES:
+        simplejpeg.decode_jpeg(data, "RGB")
+    return len(_DECODE_BYTES)
+
+
+def time_decode(args, image_ids: np.ndarray) -> float:
+    """images/s of bare simplejpeg decode of these images' bytes, one process per core."""
+    workers = args.workers
+    shares = [image_ids[w::workers] for w in range(workers)]
+    pools = [mp.Pool(1, _load_share, (str(args.shards), share)) for share in shares]
+    try:
+        for pool in pools:  # wait until every process holds its bytes
+            pool.apply(len, ([],))
+        start = time.perf_counter()
+        pending = [pool.apply_async(_decode_share, (0,)) for pool in pools]
+        images = sum(p.get() for p in pending)
+        return images / (time.perf_counter() - start)
+    finally:
+        for pool in pools:
+            pool.terminate()
+
+
+def machine() -> str:
+    model = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    if not (args.shards / "manifest.json").exists():
+        if not args.make_shards:
+            raise UserError(f"--shards {args.shards}: no shards dir (add --make-shards N)")
+        make_shards(args.shards, args.make_shards, args.workers)
+    from data_engine.reader import ShardReader
+    from data_engine.sampler import EpochPlan
+
+    starts = ShardReader(args.shards).identity_start
+    plan = EpochPlan(starts, args.batch_size, args.k, seed=0)
+    if len(plan) < args.steps + 1:
+        raise UserError(f"--shards {args.shards}: {len(plan)} steps per epoch, need "
+                        f"--steps + 1 = {args.steps + 1} (use more identities)")
+    ids = np.concatenate([plan.step(s).all_image_ids for s in range(1, args.steps + 1)])
+
+    with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
+        paths = extract_folder(args.shards, args.folder or Path(tmp) / "images")
+        decode = ours = baseline = 0.0
+        for _ in range(args.repeats):
+            decode = max(decode, time_decode(args, ids))
+            rate, startup, backend = time_ours(args, args.steps)
+            ours = max(ours, rate)
+            baseline = max(baseline, time_baseline(args, paths, plan))
+    per_sample = args.k + 1
+    print(f"ours ({backend}):  {ours:9.0f} images/s  {ours / per_sample:8.0f} "
+          f"identity samples/s  (first batch after {startup:.1f} s)")
+    print(f"baseline (PIL/file):  {baseline:9.0f} images/s  {baseline / per_sample:8.0f} "
+          "identity samples/s")
+    print(f"raw decode (all cores): {decode:7.0f} images/s")
+    print(f"ours / baseline = {ours / baseline:.2f}x (target >= 3)   "
+          f"ours / decode = {ours / decode:.2f}x (target >= 0.7)")
+    print(json.dumps({
+        "ours_images_per_s": round(ours), "ours_identity_samples_per_s": round(ours / per_sample),
+        "baseline_images_per_s": round(baseline), "decode_images_per_s": round(decode),
+        "ratio_vs_baseline": round(ours / baseline, 3), "ratio_vs_decode": round(ours / decode, 3),
+        "backend": backend, "device": args.device, "k": args.k,
+        "batch_size": args.batch_size, "steps": args.steps, "workers": args.workers,
+        "repeats": args.repeats,
+        "machine": machine(),
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli("bench/loader.py", main)
