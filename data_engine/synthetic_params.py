@@ -167,7 +167,8 @@ def blend_family(family: Identity, own: Identity) -> Identity:
     """Pull an individual's numeric traits towards their family's; keep discrete ones."""
     theirs = _traits(family, _NUMERIC_TRAITS)
     mine = _traits(own, _NUMERIC_TRAITS)
-    return _with_traits(own, _NUMERIC_TRAITS, theirs + INDIVIDUALITY * (mine - theirs))
+    return replace(own, **_trait_fields(own, _NUMERIC_TRAITS,
+                                        theirs + INDIVIDUALITY * (mine - theirs)))
 
 
 # Whether someone wears a beard is who they are; drifting it would grow faint beards.
@@ -188,15 +189,16 @@ def drift_identity(person: Identity, rng: np.random.Generator) -> Identity:
     phases = rng.normal(0.0, _WAVE_PHASE_DRIFT, len(person.waves)).tolist()
     waves = tuple((kx, ky, phase + shift, amplitude)
                   for (kx, ky, phase, amplitude), shift in zip(person.waves, phases))
-    return replace(_with_traits(person, _DRIFTING_TRAITS, moved), waves=waves)
+    return replace(person, waves=waves, **_trait_fields(person, _DRIFTING_TRAITS, moved))
 
 
 def _traits(person: Identity, names: tuple[str, ...]) -> np.ndarray:
     return np.hstack([getattr(person, name) for name in names])
 
 
-def _with_traits(person: Identity, names: tuple[str, ...], flat: np.ndarray) -> Identity:
-    """Inverse of _traits: put a flat vector back into the named float / tuple fields."""
+def _trait_fields(person: Identity, names: tuple[str, ...], flat: np.ndarray
+                  ) -> dict[str, object]:
+    """Inverse of _traits: split a flat vector back into the named float / tuple fields."""
     values: dict[str, object] = {}
     items = flat.tolist()
     start = 0
@@ -208,7 +210,7 @@ def _with_traits(person: Identity, names: tuple[str, ...], flat: np.ndarray) -> 
             size = len(getattr(person, name))
             values[name] = tuple(items[start:start + size])
             start += size
-    return replace(person, **values)
+    return values
 
 
 def _quality(rng: np.random.Generator) -> tuple[str, str, float]:
