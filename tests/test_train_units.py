@@ -118,3 +118,36 @@ def test_onnx_export_matches_pytorch(tmp_path):
     path = tmp_path / "model.onnx"
     export_onnx(backbone, path)
     assert max_difference(backbone, path, batch_sizes=(1, 3)) < 1e-4
+
+
+def test_nonfinite_step_is_skipped_on_the_device():
+    """A NaN loss leaves weights and momentum untouched and is counted; a finite one trains."""
+    from types import SimpleNamespace
+
+    from model.backbones import get_model
+    from model.heads import build_head
+    from model.margins import build_margin
+    from train.step import TrainStep, make_optimizer
+
+    torch.manual_seed(0)
+    backbone = get_model("mbf", embedding_size=32, blocks=(1, 1, 1, 1), scale=1)
+    head = build_head("fc", num_classes=5, embedding_size=32, batch_size=4,
+                      margin=build_margin("arcface"))
+    params = [*backbone.parameters(), *head.parameters()]
+    optimizer = make_optimizer(params, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    step = TrainStep(backbone, head, optimizer, device="cpu", precision="fp32",
+                     channels_last=False)
+    batch = SimpleNamespace(identity=torch.randint(0, 256, (4, 3, 112, 112), dtype=torch.uint8),
+                            classes=None, labels=torch.tensor([0, 1, 2, 3]))
+
+    def snapshot():
+        return [p.detach().clone() for p in params] + [
+            optimizer.state[p]["momentum_buffer"].clone() for p in params]
+
+    before = snapshot()
+    step(batch, lr=0.1, poison=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(), strict=True))
+    assert int(step.nonfinite_total) == 1 and int(step.nonfinite_in_row) == 1
+    step(batch, lr=0.1)
+    assert not torch.equal(before[0], params[0]) and int(step.nonfinite_in_row) == 0
+    assert step.read_loss() > 0

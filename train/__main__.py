@@ -1,23 +1,47 @@
-"""``python -m train``: train a face recognition model on identity-grouped shards."""
+"""``python -m train``: train a face recognition model on identity-grouped shards.
+
+Defaults are the AttFC paper's (R50, B=384, SGD 0.9/5e-4, lr 0.1 cosine, 5 epochs, ArcFace
+s=64 m=0.5, r=0.3, k=2, gamma=0.999). Settings come from the defaults, then --config FILE
+(TOML), then flags. Outputs in --output RUN: config.toml, checkpoints/, metrics.jsonl,
+tensorboard/, model.pt + model.json (feature encoder), best.pt (best validation).
+
+examples:
+  python -m train --shards shards/ --output runs/r50 --val val_bins/
+  python -m train --output runs/r50 --resume
+"""
 
 from __future__ import annotations
 
+import argparse
+import logging
 from collections.abc import Sequence
+from pathlib import Path
 
-from common.cli import ArgumentParser, UserError, existing_dir, run_cli, setup_logging
+from common.cli import ArgumentParser, run_cli, setup_logging
+from train.config import add_options, resolve, to_toml
+
+log = logging.getLogger("train")
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m train", description=__doc__)
-    parser.add_argument("--shards", required=True, type=existing_dir, help="shards directory")
-    parser.add_argument("--output", default="runs/latest", help="run directory")
+    parser = ArgumentParser(prog="python -m train", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_options(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    raise UserError("training is not built yet (issue 6)")
+    config = resolve(args)
+    text = to_toml(config)
+    print("effective config:\n" + text, end="", flush=True)
+
+    from train.loop import Trainer  # torch and the model load only after the flags are fine
+
+    trainer = Trainer(config, resume=args.resume, inject_nan=args.inject_nan_at_step)
+    (Path(config["output"]) / "config.toml").write_text(text)
+    return trainer.fit()
 
 
 if __name__ == "__main__":

@@ -45,6 +45,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("workers", 0, "loader decode workers (0: the loader's choice)", group="data"),
     Option("network", "r50", "feature encoder", ("r18", "r34", "r50", "r100", "r200", "mbf"),
            group="model"),
+    Option("network_args", "", "extra get_model keyword arguments as a JSON object, e.g. "
+           "'{\"blocks\": [1, 1, 1, 1], \"scale\": 1}' for a tiny mbf (tests); saved in "
+           "model.json", group="model"),
     Option("embedding_size", 512, "feature dimension D", group="model"),
     Option("head", "attfc", "classification head", ("attfc", "fc", "partialfc"),
            group="model"),
@@ -128,9 +131,10 @@ def add_options(parser: ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue RUN (--output) from its latest valid checkpoint, with "
                         "RUN/config.toml as the base settings")
-    parser.add_argument("--inject-nan-at-step", type=_parse_steps, metavar="STEP[-LAST]",
-                        help="testing only: make the loss NaN at these global steps to "
-                        "exercise the non-finite-loss handling")
+    parser.add_argument("--inject-nan-at-step", type=_parse_steps, action="append",
+                        default=[], metavar="STEP[-LAST]",
+                        help="testing only (repeatable): make the loss NaN at these global "
+                        "steps to exercise the non-finite-loss handling")
 
 
 def _show(value: Any) -> str:
@@ -199,8 +203,21 @@ def _check(config: dict[str, Any]) -> None:
         raise UserError(f"--sample-rate {config['sample_rate']}: must be in (0, 1]")
     if not 0.0 <= config["gamma"] < 1.0:
         raise UserError(f"--gamma {config['gamma']}: must be in [0, 1)")
+    network_args(config)
     if config["lr"] <= 0:
         raise UserError(f"--lr {config['lr']}: must be > 0")
+
+
+def network_args(config: dict[str, Any]) -> dict[str, Any]:
+    """``--network-args`` parsed: keyword arguments for ``get_model``."""
+    text = config["network_args"]
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError as error:
+        raise UserError(f"--network-args {text}: not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"--network-args {text}: expected a JSON object")
+    return value
 
 
 def to_toml(config: dict[str, Any]) -> str:

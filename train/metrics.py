@@ -75,6 +75,7 @@ def _step_of(line: str) -> float:
 
 def postfix(record: dict[str, Any], epochs: int) -> str:
     """The fields a person watching wants, in one short line."""
-    return (f"epoch {record['epoch'] + 1}/{epochs} loss {record['loss']:.4f} "
+    loss = "skipped" if record["loss"] is None else f"{record['loss']:.4f}"
+    return (f"epoch {record['epoch'] + 1}/{epochs} loss {loss} "
             f"lr {record['lr']:.4g} {record['samples_per_s']:.0f} samples/s "
             f"{record['images_per_s']:.0f} img/s mem {record['mem_bytes'] / 2**30:.2f}G")

@@ -1,0 +1,145 @@
+"""Full training-step throughput and peak memory: fc vs attfc heads at N identities.
+
+Times the real step from ``train.step`` (feature encoder forward/backward, class encoder
+forward for attfc, head, fused SGD, momentum update) on decoded uint8 batches already on the
+device, so the loader is out of the picture. Each (head, N) runs in its own process so peak
+memory is clean: CUDA ``max_memory_allocated`` on a GPU; peak RSS of the process (the Python
+and torch baseline included) on the CPU.
+
+GPU (the DESIGN §6 target, >= 4000 samples/s for attfc at N = 1M on an H100):
+    python bench/train_step.py --network r50 --batch-size 384 --num-classes 93000 1000000
+CPU smoke version:
+    python bench/train_step.py --network mbf --batch-size 32 --steps 5 --device cpu
+
+The last line printed is JSON: {"results": [{head, n, network, batch_size, samples_per_s,
+peak_mem_bytes, device, ...}], ...}.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import platform
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from common.cli import ArgumentParser, positive_int, run_cli, setup_logging
+from common.device import resolve_device
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def measure(args: SimpleNamespace, head_name: str, num_classes: int) -> dict:
+    """One configuration, in the calling process: warm up, then time ``args.steps`` steps."""
+    from model.backbones import get_model
+    from model.heads import build_head
+    from model.margins import build_margin
+    from train.loop import resolve_precision
+    from train.metrics import peak_memory_bytes
+    from train.step import TrainStep, make_optimizer
+
+    device, cuda = args.device, args.device.startswith("cuda")
+    precision = resolve_precision(args.precision, device)
+    torch.manual_seed(0)
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.reset_peak_memory_stats(device)
+    backbone = get_model(args.network, embedding_size=args.embedding_size).to(device)
+    if cuda:
+        backbone = backbone.to(memory_format=torch.channels_last)
+    head = build_head(head_name, num_classes=num_classes, embedding_size=args.embedding_size,
+                      batch_size=args.batch_size, margin=build_margin("arcface"),
+                      feature_encoder=backbone if head_name == "attfc" else None,
+                      k=args.k).to(device)
+    params = [p for m in (backbone, head) for p in m.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    step = TrainStep(backbone, head, optimizer, device=device, precision=precision,
+                     channels_last=cuda, compile_backbone=args.compile)
+
+    B, k = args.batch_size, args.k
+    batches = [SimpleNamespace(
+        identity=torch.randint(0, 256, (B, 3, 112, 112), dtype=torch.uint8, device=device),
+        classes=torch.randint(0, 256, (B, k, 3, 112, 112), dtype=torch.uint8, device=device),
+        labels=torch.randint(0, num_classes, (B,), device=device)) for _ in range(2)]
+    for i in range(args.warmup):
+        step(batches[i % 2], lr=0.1)
+    _sync(device)
+    start = time.perf_counter()
+    for i in range(args.steps):
+        step(batches[i % 2], lr=0.1)
+    loss = step.read_loss()  # also syncs, so the timing covers the queued work
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    return {"head": head_name, "n": num_classes, "network": args.network, "batch_size": B,
+            "k": k, "precision": precision, "compile": args.compile,
+            "samples_per_s": B * args.steps / elapsed, "step_s": elapsed / args.steps,
+            "peak_mem_bytes": peak_memory_bytes(device), "loss": loss,
+            "device": torch.cuda.get_device_name(device) if cuda else platform.processor()
+            or platform.machine()}
+
+
+def _child(args: SimpleNamespace, head: str, n: int, queue: multiprocessing.Queue) -> None:
+    try:
+        queue.put(measure(args, head, n))
+    except BaseException as error:  # reported by the parent
+        queue.put({"head": head, "n": n, "error": f"{type(error).__name__}: {error}"})
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="bench/train_step.py", description=__doc__)
+    parser.add_argument("--network", default="r50", help="feature encoder")
+    parser.add_argument("--batch-size", type=positive_int, default=384)
+    parser.add_argument("--k", type=positive_int, default=2, help="attfc class images")
+    parser.add_argument("--embedding-size", type=positive_int, default=512)
+    parser.add_argument("--heads", nargs="+", default=["fc", "attfc"],
+                        choices=["fc", "partialfc", "attfc"])
+    parser.add_argument("--num-classes", type=positive_int, nargs="+", default=[93_000, 1_000_000],
+                        help="identity counts N")
+    parser.add_argument("--steps", type=positive_int, default=30, help="timed steps")
+    parser.add_argument("--warmup", type=positive_int, default=5, help="untimed steps first")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                        help="auto: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the encoder")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    args.device = resolve_device(args.device)
+    config = SimpleNamespace(**vars(args))
+    context = multiprocessing.get_context("spawn")
+    results = []
+    for n in args.num_classes:
+        for head in args.heads:
+            queue = context.Queue()
+            process = context.Process(target=_child, args=(config, head, n, queue))
+            process.start()
+            result = queue.get()
+            process.join()
+            results.append(result)
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in result.items()), flush=True)
+    summary: dict = {"results": results, "threads": torch.get_num_threads(),
+                     "command": " ".join(["bench/train_step.py", *(argv or sys.argv[1:])])}
+    by_key = {(r["head"], r["n"]): r for r in results if "error" not in r}
+    summary["attfc_vs_fc"] = {
+        str(n): {key: by_key[("attfc", n)][key] / by_key[("fc", n)][key]
+                 for key in ("samples_per_s", "peak_mem_bytes")}
+        for n in args.num_classes if ("attfc", n) in by_key and ("fc", n) in by_key}
+    print(json.dumps(summary))
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    run_cli("bench/train_step.py", main)

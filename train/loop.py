@@ -1,0 +1,294 @@
+"""The training loop: epochs of steps, with logging, validation, checkpoints and stopping.
+
+Read top to bottom, :meth:`Trainer.fit` is the whole story; the helpers below it each do
+one bookkeeping job. Progress is (epoch, step in epoch, global step); the loader restarts
+from (epoch, step in epoch) and the learning rate is a function of the global step, so a
+run resumed from a checkpoint takes exactly the steps the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.cli import UserError
+from common.device import resolve_device
+from common.progress import Progress
+from data_engine import build_loader
+from model.backbones import get_model
+from model.heads import build_head
+from model.margins import build_margin
+from train.checkpoint import (
+    atomic_save,
+    latest_checkpoint,
+    list_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from train.config import network_args
+from train.metrics import MetricsLog, peak_memory_bytes, postfix
+from train.prefetch import Prefetcher
+from train.schedule import lr_at
+from train.signals import StopRequest
+from train.step import TrainStep, make_optimizer
+from train.validate import Validator
+
+log = logging.getLogger("train")
+
+
+@dataclass
+class Position:
+    """Where the run is; saved in every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    nonfinite_total: int = 0
+    best_val: float = -1.0
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``auto`` -> bf16 on CUDA, fp32 on CPU (CPU bf16 autocast is slower than fp32)."""
+    if precision == "auto":
+        return "bf16" if device.startswith("cuda") else "fp32"
+    if precision == "fp16" and not device.startswith("cuda"):
+        raise UserError("--precision fp16 needs CUDA; use bf16 or fp32 on the CPU")
+    return precision
+
+
+class Trainer:
+    """Builds the model, head, optimizer and loader for one run directory and trains."""
+
+    def __init__(self, config: dict[str, Any], *, resume: bool,
+                 inject_nan: list[tuple[int, int]] | None = None) -> None:
+        self.config = config
+        self.inject_nan = inject_nan or []
+        self.device = resolve_device(config["device"])
+        self.precision = resolve_precision(config["precision"], self.device)
+        self.run_dir = Path(config["output"])
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        checkpoint = self._find_checkpoint(resume)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+        seed = config["seed"]
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        if self.device.startswith("cuda"):
+            torch.backends.cudnn.benchmark = True
+        self.pos = Position()
+        loader = self._loader(epoch=0, start_step=0)
+        self.steps_per_epoch = len(loader)
+        self.num_classes = loader.num_classes
+        if self.steps_per_epoch == 0:
+            raise UserError(f"--shards {config['shards']}: {loader.num_images} images make no "
+                            f"full batch of --batch-size {config['batch_size']}")
+        self.total_steps = config["epochs"] * self.steps_per_epoch
+        self.last_step = min(self.total_steps, config["max_steps"] or self.total_steps)
+
+        self.backbone, self.head, self.optimizer = self._build_model()
+        self.step = TrainStep(self.backbone, self.head, self.optimizer, device=self.device,
+                              precision=self.precision,
+                              channels_last=self.device.startswith("cuda"),
+                              compile_backbone=config["compile"])
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        self.validator = (Validator(Path(config["val"]), device=self.device)
+                          if config["val"] else None)
+
+    def _find_checkpoint(self, resume: bool) -> dict[str, Any] | None:
+        if not resume:
+            if list_checkpoints(self.ckpt_dir):
+                raise UserError(f"--output {self.run_dir} already holds checkpoints: add "
+                                "--resume to continue that run, or choose another --output")
+            return None
+        found = latest_checkpoint(self.ckpt_dir)
+        if found is None:
+            raise UserError(f"--resume: no readable checkpoint in {self.ckpt_dir}")
+        log.info("resuming from %s", found[0])
+        return found[1]
+
+    def _loader(self, *, epoch: int, start_step: int):
+        c = self.config
+        k = c["k"] if c["head"] == "attfc" else 1  # other heads ignore class images
+        return build_loader(c["shards"], c["batch_size"], k, seed=c["seed"], epoch=epoch,
+                            start_step=start_step, backend=c["backend"], device=self.device,
+                            workers=c["workers"] or None)
+
+    def _build_model(self) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.SGD]:
+        c = self.config
+        try:
+            backbone = get_model(c["network"], embedding_size=c["embedding_size"],
+                                 **network_args(c))
+        except TypeError as error:
+            raise UserError(f"--network-args {c['network_args']}: {error}") from None
+        backbone = backbone.to(self.device)
+        if self.device.startswith("cuda"):
+            # Before build_head: the attfc class encoder is a copy and inherits the layout.
+            backbone = backbone.to(memory_format=torch.channels_last)
+        margin = build_margin(c["margin"], s=c["margin_s"], m=c["margin_m"])
+        head = build_head(c["head"], num_classes=self.num_classes,
+                          embedding_size=c["embedding_size"], batch_size=c["batch_size"],
+                          margin=margin,
+                          feature_encoder=backbone if c["head"] == "attfc" else None,
+                          sample_rate=c["sample_rate"], k=c["k"], momentum=c["gamma"],
+                          strategy=c["strategy"]).to(self.device)
+        params = [p for module in (backbone, head) for p in module.parameters()
+                  if p.requires_grad]
+        optimizer = make_optimizer(params, lr=c["lr"], momentum=c["momentum"],
+                                   weight_decay=c["weight_decay"])
+        return backbone, head, optimizer
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def fit(self) -> int:
+        """Train until the last epoch, --max-steps or a stop signal; 0 on a clean finish."""
+        c = self.config
+        warmup_steps = round(c["warmup_epochs"] * self.steps_per_epoch)
+        images_per_sample = 1 + c["k"] if self.head.needs_class_images else 1
+        log.info("%s %s on %s (%s): %d classes, %d steps/epoch, steps %d..%d of %d",
+                 c["network"], c["head"], self.device, self.precision, self.num_classes,
+                 self.steps_per_epoch, self.pos.step, self.last_step, self.total_steps)
+        self.metrics = MetricsLog(self.run_dir, tensorboard=c["tensorboard"],
+                                  resume_step=self.pos.step)
+        saved_at = self.pos.step
+        with StopRequest() as stop, self.metrics, Progress(
+                self.last_step - self.pos.step, "train", "step") as progress:
+            tick, tick_step = time.perf_counter(), self.pos.step
+            while self.pos.step < self.last_step and not stop.requested:
+                loader = self._loader(epoch=self.pos.epoch, start_step=self.pos.step_in_epoch)
+                exhausted = False
+                with Prefetcher(loader, c["prefetch"]) as batches:
+                    for batch in batches:
+                        lr = lr_at(self.pos.step, total_steps=self.total_steps,
+                                   base_lr=c["lr"], warmup_steps=warmup_steps,
+                                   min_lr=c["min_lr"])
+                        stats = self.step(batch, lr, poison=self._poisoned(self.pos.step + 1))
+                        self.pos.step += 1
+                        self.pos.step_in_epoch += 1
+                        progress.update()
+                        if self.pos.step % c["log_every"] == 0 or self.pos.step == self.last_step:
+                            elapsed = time.perf_counter() - tick
+                            samples = (self.pos.step - tick_step) * c["batch_size"]
+                            record = self._log(lr, stats, samples / elapsed, images_per_sample)
+                            progress.set_postfix(postfix(record, c["epochs"]))
+                            tick, tick_step = time.perf_counter(), self.pos.step
+                        if self.pos.step_in_epoch == self.steps_per_epoch:
+                            break  # the epoch end below validates and checkpoints
+                        if c["val_every"] and self.pos.step % c["val_every"] == 0:
+                            self._validate()
+                        if self.pos.step % c["ckpt_every"] == 0:
+                            saved_at = self._save()
+                        if stop.requested or self.pos.step >= self.last_step:
+                            break
+                    else:
+                        exhausted = True  # a loader shorter than len() still ends the epoch
+                if exhausted or self.pos.step_in_epoch == self.steps_per_epoch:
+                    self.pos.epoch += 1
+                    self.pos.step_in_epoch = 0
+                    self._validate()
+                    saved_at = self._save()
+                    self._export_model()
+            if saved_at != self.pos.step:
+                self._save()
+            self._export_model()
+        if stop.requested:
+            print(f"stopped by {stop.signal_name} at step {self.pos.step}; resume with: "
+                  f"python -m train --output {self.run_dir} --resume", flush=True)
+        else:
+            log.info("finished at step %d; model: %s", self.pos.step,
+                     self.run_dir / "model.pt")
+        return 0
+
+    def _poisoned(self, step: int) -> bool:
+        return any(first <= step <= last for first, last in self.inject_nan)
+
+    # -- bookkeeping (each of these syncs with the device, so they run only now and then) --
+
+    def _check_finite(self) -> None:
+        """Stop with the last good checkpoint once too many losses in a row were non-finite."""
+        in_row = int(self.step.nonfinite_in_row)
+        if in_row >= self.config["max_nonfinite"]:
+            latest = list_checkpoints(self.ckpt_dir)
+            kept = f"last good checkpoint: {latest[0]}" if latest else "no checkpoint yet"
+            raise UserError(f"{in_row} non-finite losses in a row up to step {self.pos.step} "
+                            f"(--max-nonfinite {self.config['max_nonfinite']}); {kept}; try a "
+                            "lower --lr or --warmup-epochs, or check the data")
+
+    def _log(self, lr: float, stats: dict[str, torch.Tensor], samples_per_s: float,
+             images_per_sample: int) -> dict[str, Any]:
+        self._check_finite()
+        loss = self.step.read_loss()
+        record = {
+            "step": self.pos.step,
+            "epoch": self.pos.epoch,
+            "loss": loss if math.isfinite(loss) else None,  # None: every step was skipped
+            "lr": lr,
+            "samples_per_s": samples_per_s,
+            "images_per_s": samples_per_s * images_per_sample,
+            **{name: float(value) for name, value in stats.items()},
+            "nonfinite_total": int(self.step.nonfinite_total),
+            "mem_bytes": peak_memory_bytes(self.device),
+        }
+        self.metrics.write(record)
+        return record
+
+    def _validate(self) -> None:
+        if self.validator is None:
+            return
+        results = self.validator(self.backbone)
+        self.metrics.write({"step": self.pos.step, "epoch": self.pos.epoch, "kind": "val",
+                            **results}, prefix="val")
+        if results["mean"] > self.pos.best_val:
+            self.pos.best_val = results["mean"]
+            atomic_save(self._backbone_weights(), self.run_dir / "best.pt")
+            log.info("new best mean validation accuracy %.4f: %s", results["mean"],
+                     self.run_dir / "best.pt")
+
+    def _save(self) -> int:
+        self._check_finite()
+        self.pos.nonfinite_total = int(self.step.nonfinite_total)
+        state = {
+            "position": asdict(self.pos),
+            "backbone": self.backbone.state_dict(),
+            "head": self.head.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.step.scaler.state_dict(),
+            "rng": rng_state(),
+            "network": self.config["network"],
+        }
+        path = save_checkpoint(self.ckpt_dir, self.pos.step, state, self.config["keep"])
+        log.info("checkpoint %s", path)
+        return self.pos.step
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.pos = Position(**state["position"])
+        self.backbone.load_state_dict(state["backbone"])
+        self.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step.scaler.load_state_dict(state["scaler"])
+        self.step.nonfinite_total.fill_(self.pos.nonfinite_total)
+        set_rng_state(state["rng"])
+
+    def _backbone_weights(self) -> dict[str, torch.Tensor]:
+        """CPU copies, so the file loads on machines without a GPU."""
+        return {k: v.detach().cpu() for k, v in self.backbone.state_dict().items()}
+
+    def _export_model(self) -> None:
+        """RUN/model.pt (feature encoder, insightface key names) and RUN/model.json."""
+        atomic_save(self._backbone_weights(), self.run_dir / "model.pt")
+        info = {"network": self.config["network"],
+                "embedding_size": self.config["embedding_size"],
+                "network_args": network_args(self.config),
+                "head": self.config["head"], "step": self.pos.step, "epoch": self.pos.epoch}
+        (self.run_dir / "model.json").write_text(json.dumps(info, indent=1) + "\n")

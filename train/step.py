@@ -1,0 +1,100 @@
+"""One training step (forward, backward, optimizer, momentum update) with no host syncs.
+
+Everything that would need the CPU to wait for the GPU (reading the loss, checking it is
+finite, counting skipped steps) stays on the device here; the loop reads it back only at
+log steps, so the GPU never idles while Python waits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from model.backbones import normalize_images
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def make_optimizer(params: list[nn.Parameter], *, lr: float, momentum: float,
+                   weight_decay: float) -> torch.optim.SGD:
+    """Fused SGD with zeroed momentum buffers.
+
+    Fused SGD takes a device-side ``found_inf`` flag and skips the update on the device,
+    which is how a non-finite loss is skipped without a sync. Zeroed buffers make the
+    first step the same as torch's (``buf = grad``) and keep a skipped first step harmless.
+    """
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                fused=True)
+    for param in params:
+        optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
+    return optimizer
+
+
+class TrainStep:
+    """Owns the precision policy and the skip/count logic for non-finite losses."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, optimizer: torch.optim.SGD, *,
+                 device: str, precision: str, channels_last: bool,
+                 compile_backbone: bool = False) -> None:
+        self.backbone = backbone
+        self.head = head
+        self.optimizer = optimizer
+        self.device_type = torch.device(device).type
+        self.dtype = AUTOCAST_DTYPES[precision]
+        self.channels_last = channels_last
+        self.forward_backbone = torch.compile(backbone) if compile_backbone else backbone
+        # fp16 needs loss scaling; bf16 has fp32's range and does not.
+        self.scaler = torch.amp.GradScaler(self.device_type, enabled=precision == "fp16")
+        self.nonfinite_in_row = torch.zeros((), dtype=torch.int64, device=device)
+        self.nonfinite_total = torch.zeros((), dtype=torch.int64, device=device)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.finite_steps = torch.zeros((), dtype=torch.int64, device=device)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def __call__(self, batch: Any, lr: float, poison: bool = False) -> dict[str, torch.Tensor]:
+        """Train on one batch; returns the head's stats (device tensors, not read back)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        images = normalize_images(batch.identity)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        class_images = normalize_images(batch.classes) if self.head.needs_class_images else None
+        with self._autocast():
+            features = self.forward_backbone(images)
+            out = self.head(features, batch.labels, class_images)
+        loss = out.loss.float()
+        if poison:  # the --inject-nan-at-step test hook
+            loss = loss * float("nan")
+        finite = torch.isfinite(loss)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # skips on inf/nan grads, on the device
+            self.scaler.update()
+        else:
+            self.optimizer.found_inf = (~finite).float()
+            self.optimizer.step()
+            del self.optimizer.found_inf
+        self.head.after_optimizer_step(self.backbone)
+
+        self.nonfinite_in_row = torch.where(finite, 0, self.nonfinite_in_row + 1)
+        self.nonfinite_total += (~finite).long()
+        self.loss_sum += torch.where(finite, loss.detach(), 0).double()
+        self.finite_steps += finite.long()
+        return out.stats
+
+    def read_loss(self) -> float:
+        """Mean finite loss since the last call (syncs: call at log steps only)."""
+        steps = int(self.finite_steps)
+        mean = float(self.loss_sum) / steps if steps else float("nan")
+        self.loss_sum.zero_()
+        self.finite_steps.zero_()
+        return mean
