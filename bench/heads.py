@@ -162,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--device", default="auto", help="auto|cpu|cuda")
     parser.add_argument("--dcc-dtype", choices=DTYPES, default="float32")
-    parser.add_argument("--chunk-size", type=positive_int, default=32768,
+    parser.add_argument("--chunk-size", type=positive_int, default=65536,
                         help="attfc: DCC entries per logit chunk")
     parser.add_argument("--head", choices=HEADS, help="(internal) run one head in this process")
     parser.add_argument("--worker", action="store_true", help="(internal)")

@@ -103,7 +103,7 @@ class AttFCHead(nn.Module):
     def __init__(self, feature_encoder: nn.Module, num_classes: int, embedding_size: int,
                  batch_size: int, margin: CombinedMargin, sample_rate: float = 0.3, k: int = 2,
                  momentum: float = 0.999, strategy: str = "attention",
-                 dcc_dtype: torch.dtype = torch.float32, chunk_size: int = 32768) -> None:
+                 dcc_dtype: torch.dtype = torch.float32, chunk_size: int = 65536) -> None:
         super().__init__()
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown GCC strategy {strategy!r}: expected one of "

@@ -20,7 +20,7 @@ def build_head(name: str, *, num_classes: int, embedding_size: int, batch_size: 
                margin: CombinedMargin, feature_encoder: nn.Module | None = None,
                sample_rate: float = 0.3, k: int = 2, momentum: float = 0.999,
                strategy: str = "attention", dcc_dtype: torch.dtype = torch.float32,
-               chunk_size: int = 32768) -> nn.Module:
+               chunk_size: int = 65536) -> nn.Module:
     """Build ``attfc`` | ``fc`` | ``partialfc``.
 
     Every head has ``needs_class_images``, ``forward(features, labels, class_images) ->
