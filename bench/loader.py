@@ -77,9 +77,11 @@ def make_shards(shards: Path, identities: int, workers: int) -> None:
     with mp.Pool(workers) as pool, Progress(identities, "render identities", "id") as progress:
         for _ in pool.imap_unordered(_render_identity, [(tree, i) for i in range(identities)]):
             progress.update()
+    path = os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                            os.environ.get("PYTHONPATH", "")])
     subprocess.run([sys.executable, "-m", "data_engine.shard", "--src", "folder", "--root",
                     str(tree), "--out", str(shards), "--workers", str(workers)], check=True,
-                   env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+                   env={**os.environ, "PYTHONPATH": path})
 
 
 def extract_folder(shards: Path, folder: Path) -> list[str]:

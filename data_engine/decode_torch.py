@@ -83,14 +83,25 @@ def _worker(source: ImageSource, slots: list[torch.Tensor], tasks: mp.Queue,
 class _Slot:
     """One shared batch buffer and who is using it."""
 
-    def __init__(self, shape: tuple[int, ...], pin: bool) -> None:
+    def __init__(self, shape: tuple[int, ...]) -> None:
         self.tensor = _shared_uint8(shape)
         self.array = self.tensor.numpy()
         self.idle_refs = sys.getrefcount(self.array)
         self.ready_event: torch.cuda.Event | None = None  # set while a GPU copy reads it
-        if pin:
-            nbytes = self.tensor.numel()
-            torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), nbytes, 0)
+        self.pinned = False
+
+    def pin(self) -> None:
+        """Page-lock for async host-to-GPU copies (after forking: CUDA marks pinned pages
+        do-not-fork, and the workers must see them)."""
+        torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), self.tensor.numel(), 0)
+        self.pinned = True
+
+    def unpin(self) -> None:
+        if self.pinned:
+            if self.ready_event is not None:
+                self.ready_event.synchronize()
+            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+            self.pinned = False
 
     def free(self) -> bool:
         """True once no caller view and no pending GPU copy uses the buffer."""
@@ -125,7 +136,7 @@ class TorchBatches:
         size = self.source.image_size
         shape = ((self.plan.k + 1) * self.plan.batch_size, size, size, 3)
         depth = self.workers + 2  # steps in flight: every worker busy, the next ones queued
-        slots = [_Slot(shape, self.device.type == "cuda") for _ in range(depth + 2)]
+        slots = [_Slot(shape) for _ in range(depth + 2)]
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         tasks, results = ctx.Queue(), ctx.Queue()
         procs = [ctx.Process(target=_worker, daemon=True,
@@ -133,6 +144,9 @@ class TorchBatches:
                  for _ in range(self.workers)]
         for proc in procs:
             proc.start()
+        if self.device.type == "cuda":
+            for slot in slots:
+                slot.pin()
         steps = self.plan.steps(start_step)
         busy: set[int] = set()  # slots of steps dispatched and not yet handed out
         done: dict[int, tuple] = {}  # step -> (slot, replaced, error, crashed)
@@ -157,6 +171,8 @@ class TorchBatches:
                 proc.join(timeout=5)
                 if proc.is_alive():
                     proc.terminate()
+            for slot in slots:
+                slot.unpin()
 
     @staticmethod
     def _dispatch(steps: Iterator[StepPlan], slots: list[_Slot], busy: set[int],
