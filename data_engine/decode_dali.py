@@ -34,12 +34,8 @@ class _Feeder:
 
     def __call__(self) -> tuple[list[np.ndarray], np.ndarray]:
         step = next(self.steps)  # StopIteration here is DALI's end-of-epoch signal
-        data = []
-        replaced = 0
-        for image_id in step.all_image_ids.tolist():
-            raw, was_bad = self.source.read(image_id)
-            replaced += was_bad
-            data.append(np.frombuffer(raw, np.uint8))
+        encoded, replaced = self.source.read_many(step.all_image_ids)
+        data = [np.frombuffer(raw, np.uint8) for raw in encoded]
         self.pending.append((step, data, replaced))
         return data, step.all_flips.astype(np.int32)
 

@@ -35,10 +35,10 @@ def decode_step(source: ImageSource, step: StepPlan, out: np.ndarray) -> tuple[i
     scratch = np.empty((out.shape[1], out.shape[2] * 3), np.uint8)
     replaced = 0
     try:
-        for i, (image_id, flip) in enumerate(zip(step.all_image_ids.tolist(),
-                                                 step.all_flips.tolist())):
-            data, was_bad = source.read(image_id)
-            replaced += was_bad + decode_into(out[i], scratch, data, flip, source, image_id)
+        ids = step.all_image_ids
+        encoded, replaced = source.read_many(ids)
+        for i, (image_id, flip) in enumerate(zip(ids.tolist(), step.all_flips.tolist())):
+            replaced += decode_into(out[i], scratch, encoded[i], flip, source, image_id)
     except DataError as error:  # sent as text: the parent raises it with the same message
         return replaced, str(error)
     return replaced, None

@@ -213,7 +213,7 @@ def test_dali_decoder_failure_is_located(shards: Path, tmp_path: Path,
 
     _make_tree(tmp_path / "tree", COUNTS[:6], cut=(5, 2))
     cut = _shard(tmp_path / "tree", tmp_path / "shards", "--verify", "none")
-    monkeypatch.setattr(ImageSource, "problem", lambda self, image_id, data: None)
+    monkeypatch.setattr(ImageSource, "problem", lambda self, data, expected: None)
     kwargs = dict(seed=0, backend="dali", device="cpu", workers=1, drop_last=False)
     with pytest.raises(DataError, match="JPEG does not decode"):
         _collect(build_loader(cut, 5, K, **kwargs))
