@@ -23,6 +23,7 @@ INDIVIDUALITY = 0.55
 # Each photo moves a person's numeric traits by this many population standard deviations
 # (age, make-up, camera): identities close in trait space become genuinely confusable.
 SHOT_DRIFT = 0.4
+_COLOR_DRIFT = 0.2  # colours drift less: hair should not turn from brown to red
 _WAVE_PHASE_DRIFT = 0.6
 
 _LIGHT_SKIN = np.array([238.0, 204.0, 180.0])
@@ -104,6 +105,7 @@ class Shot:
 
 _NUMERIC_TRAITS = tuple(f.name for f in fields(Identity)
                         if f.type in ("float", "Color", "tuple[float, float]"))
+_COLOR_TRAITS = tuple(f.name for f in fields(Identity) if f.type == "Color")
 
 
 def _color(rng: np.random.Generator, base: np.ndarray, jitter: float) -> Color:
@@ -176,16 +178,19 @@ _DRIFTING_TRAITS = tuple(name for name in _NUMERIC_TRAITS if name != "beard")
 
 
 @lru_cache(maxsize=1)
-def _trait_spread() -> np.ndarray:
-    """Population standard deviation of each drifting trait (flattened), from a fixed sample."""
+def _drift_sigma() -> np.ndarray:
+    """Per-photo drift of each drifting trait (flattened): a share of its population spread."""
     people = [sample_identity(np.random.default_rng([0x5B8E, k])) for k in range(400)]
-    return np.std([_traits(p, _DRIFTING_TRAITS) for p in people], axis=0)
+    share = [np.full(np.size(getattr(people[0], name)),
+                     _COLOR_DRIFT if name in _COLOR_TRAITS else SHOT_DRIFT)
+             for name in _DRIFTING_TRAITS]
+    return np.std([_traits(p, _DRIFTING_TRAITS) for p in people], axis=0) * np.hstack(share)
 
 
 def drift_identity(person: Identity, rng: np.random.Generator) -> Identity:
     """How this person looks in one photo: every numeric trait nudged a little."""
-    spread = _trait_spread()
-    moved = _traits(person, _DRIFTING_TRAITS) + rng.normal(0.0, SHOT_DRIFT, spread.shape) * spread
+    sigma = _drift_sigma()
+    moved = _traits(person, _DRIFTING_TRAITS) + rng.normal(0.0, 1.0, sigma.shape) * sigma
     phases = rng.normal(0.0, _WAVE_PHASE_DRIFT, len(person.waves)).tolist()
     waves = tuple((kx, ky, phase + shift, amplitude)
                   for (kx, ky, phase, amplitude), shift in zip(person.waves, phases))
@@ -243,7 +248,7 @@ def sample_shot(rng: np.random.Generator) -> Shot:
         light_strength=float(rng.uniform(0.0, 0.5)),
         brightness=float(rng.uniform(0.65, 1.25)),
         contrast=float(rng.uniform(0.75, 1.2)),
-        cast=_color(rng, np.ones(3), 0.08),
+        cast=_color(rng, np.ones(3), 0.06),
         background=_color(rng, rng.uniform(30, 225, 3), 0.0),
         background_tilt=(float(rng.uniform(0, 2 * np.pi)), float(rng.uniform(0, 80))),
         clothing=_color(rng, rng.uniform(20, 230, 3), 0.0),
