@@ -61,18 +61,26 @@ class Canvas:
         """Anti-aliased coverage from a signed distance (negative inside), canonical units."""
         return unit_clip(0.5 - signed_distance * self.px_per_unit)
 
-    def linear(self, kx: float, ky: float, offset: float) -> np.ndarray:
-        """kx*X + ky*Y + offset over the whole canvas, from 1-D pieces (one full-size op)."""
+    def linear(self, kx: float, ky: float, offset: float,
+               win: Window = (slice(None), slice(None))) -> np.ndarray:
+        """kx*X + ky*Y + offset over a window, from 1-D pieces (one full-size op)."""
         (a, b, c), (d, e, f) = self.to_canonical
-        return ((kx * a + ky * d) * self.cols
-                + ((kx * b + ky * e) * self.rows + (kx * c + ky * f + offset)))
+        return ((kx * a + ky * d) * self.cols[win[1]]
+                + ((kx * b + ky * e) * self.rows[win[0]] + (kx * c + ky * f + offset)))
 
-    def wave(self, win: Window, kx: float, ky: float, phase: float) -> np.ndarray:
-        """cos(kx*X + ky*Y + phase) over a window, as an outer product (no per-pixel cos)."""
+    def waves(self, win: Window, waves: tuple[tuple[float, float, float, float], ...]
+              ) -> np.ndarray:
+        """Sum of a*cos(kx*X + ky*Y + phase) over a window.
+
+        Each wave is separable in (row, column), cos(r + c) = cos r cos c - sin r sin c, so
+        the sum is one small matrix product of per-row and per-column factors.
+        """
         (a, b, c), (d, e, f) = self.to_canonical
+        kx, ky, phase, amplitude = (np.array(v, np.float32)[:, None] for v in zip(*waves))
         col = (kx * a + ky * d) * self.cols[win[1]]
-        row = (kx * b + ky * e) * self.rows[win[0]] + (kx * c + ky * f + phase)
-        return np.cos(row) * np.cos(col) - np.sin(row) * np.sin(col)
+        row = (kx * b + ky * e) * self.rows[win[0]].T + (kx * c + ky * f + phase)
+        rows = np.vstack([amplitude * np.cos(row), -amplitude * np.sin(row)])
+        return rows.T @ np.vstack([np.cos(col), np.sin(col)])
 
     def paint(self, win: Window, alpha: np.ndarray, color: object) -> None:
         """Blend a colour (RGB triple, or per-pixel [3,h,w]) over the window with coverage alpha."""
@@ -86,16 +94,21 @@ class Canvas:
 
     def ellipse(self, win: Window, cx: float, cy: float, ax: float, ay: float,
                 angle: float = 0.0) -> np.ndarray:
-        """Coverage of a (rotated) ellipse over a window."""
-        X, Y = self.grid(win)
-        if angle:
-            c, s = np.cos(angle), np.sin(angle)
-            u = ((X - cx) * c + (Y - cy) * s) / ax
-            v = ((Y - cy) * c - (X - cx) * s) / ay
-        else:
-            u = (X - cx) / ax
-            v = (Y - cy) / ay
-        return self.edge((np.sqrt(u * u + v * v) - 1.0) * min(ax, ay))
+        """Coverage of a (rotated) ellipse over a window.
+
+        Uses r^2 - 1 ~ 2 (r - 1) near the rim for the signed distance: no square root, and
+        the normalised coordinates come straight from the affine map as 1-D pieces.
+        """
+        c, s = np.cos(angle), np.sin(angle)
+        u = self.linear(c / ax, s / ax, -(cx * c + cy * s) / ax, win)
+        v = self.linear(-s / ay, c / ay, (cx * s - cy * c) / ay, win)
+        u *= u
+        v *= v
+        u += v
+        k = 0.5 * min(ax, ay) * self.px_per_unit
+        u *= -k
+        u += k + 0.5
+        return unit_clip(u)
 
 
 def feature_points(person: Identity, shot: Shot) -> np.ndarray:
@@ -195,9 +208,8 @@ def _paint_head(canvas: Canvas, person: Identity, shot: Shot, face_x: float,
     win = canvas.window(face_x, person.face_center_y, max(person.face_ax, person.face_ay) + 2)
     alpha, r = _head_coverage(canvas, person, face_x, win)
     X, Y = canvas.grid(win)
-    tone = 1.0 - 0.2 * r * r
-    for kx, ky, phase, amplitude in person.waves:
-        tone += amplitude * canvas.wave(win, kx, ky, phase)
+    tone = canvas.waves(win, person.waves)
+    tone += 1.0 - 0.2 * r * r
     canvas.paint(win, alpha, tone * np.asarray(person.skin, np.float32)[:, None, None])
     for mx, my, radius in person.moles:
         mole = canvas.window(mx, my, radius)
