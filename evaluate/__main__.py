@@ -113,6 +113,7 @@ def run_ijb(args: argparse.Namespace) -> int:
 
     prefix, root = args.command, args.root
     images = ijb_meta.read_image_meta(root, prefix)
+    protocol = ijb.read_protocol(root, prefix)  # before the network: bad meta fails fast
     tid_mid = ijb_meta.meta_path(root, prefix, "face_tid_mid.txt")
     landmarks = None
     if args.model is not None or (args.detector_score and args.faceness is None):
@@ -143,7 +144,7 @@ def run_ijb(args: argparse.Namespace) -> int:
             faceness = landmarks.scores
     distractors = None if args.distractors is None else _load_matrix(args.distractors,
                                                                      "distractor matrix")
-    result = ijb.score(root, prefix, images, np.asarray(features), faceness,
+    result = ijb.score(images, np.asarray(features), faceness, protocol,
                        distractors=distractors, open_set=args.open_set)
     print(format_ijb_table(prefix.upper().replace("IJB", "IJB-"), result.metrics))
     if args.out:

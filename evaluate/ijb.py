@@ -70,51 +70,67 @@ class IJBResult:
     tpr: np.ndarray
 
 
-def score(root: Path, prefix: str, images: ijb_meta.ImageMeta, features: np.ndarray,
-          faceness: np.ndarray | None, *, distractors: np.ndarray | None = None,
-          open_set: bool = False) -> IJBResult:
-    """All metrics from per-image features, computed as insightface's eval scripts do."""
-    pairs_file = ijb_meta.meta_path(root, prefix, "template_pair_label.txt")
+@dataclass(frozen=True)
+class Protocol:
+    """The 1:1 pair list and 1:N lists, with the file names used in error messages."""
+
+    pairs: np.ndarray  # int64 [P,2] template ids
+    labels: np.ndarray  # int8 [P]
+    sets: tuple[ijb_meta.SearchSet, ijb_meta.SearchSet, ijb_meta.SearchSet]
+    pairs_file: str
+    set_files: dict[str, str]
+
+
+def read_protocol(root: Path, prefix: str) -> Protocol:
     pairs, labels = ijb_meta.read_pairs(root, prefix)
     sets = ijb_meta.read_one_to_n(root, prefix)
+    return Protocol(pairs, labels, sets,
+                    str(ijb_meta.meta_path(root, prefix, "template_pair_label.txt")),
+                    {s.name: str(ijb_meta.meta_path(root, prefix, f"1N_{s.name}.csv"))
+                     for s in sets})
+
+
+def score(images: ijb_meta.ImageMeta, features: np.ndarray, faceness: np.ndarray | None,
+          protocol: Protocol, *, distractors: np.ndarray | None = None,
+          open_set: bool = False) -> IJBResult:
+    """All metrics from per-image features, computed as insightface's eval scripts do."""
     pooled = pool_templates(features, images.templates, images.medias, faceness)
-    scores = pair_scores(pooled.features, pooled.rows(pairs[:, 0], str(pairs_file)),
-                         pooled.rows(pairs[:, 1], str(pairs_file)))
-    fpr, tpr, _ = roc_curve(labels, scores)
+    pairs = protocol.pairs
+    scores = pair_scores(pooled.features, pooled.rows(pairs[:, 0], protocol.pairs_file),
+                         pooled.rows(pairs[:, 1], protocol.pairs_file))
+    fpr, tpr, _ = roc_curve(protocol.labels, scores)
     metrics = {"tar_at_far": tar_at_far(fpr, tpr)}
-    metrics.update(one_to_n(root, prefix, pooled, sets, distractors, open_set))
+    metrics.update(one_to_n(pooled, protocol, distractors, open_set))
     return IJBResult(metrics, fpr, tpr)
 
 
-def _set_features(pooled: TemplateFeatures, root: Path, prefix: str, search_set
+def _set_features(pooled: TemplateFeatures, search_set: ijb_meta.SearchSet, where: str
                   ) -> tuple[np.ndarray, np.ndarray]:
     """Unique templates of a 1:N list (first listed subject, as ijb_1n.py) and features."""
-    where = str(ijb_meta.meta_path(root, prefix, f"1N_{search_set.name}.csv"))
     unique, first = np.unique(search_set.templates, return_index=True)
     return pooled.features[pooled.rows(unique, where)], search_set.subjects[first]
 
 
-def one_to_n(root: Path, prefix: str, pooled: TemplateFeatures, sets, distractors,
+def one_to_n(pooled: TemplateFeatures, protocol: Protocol, distractors: np.ndarray | None,
              open_set: bool) -> dict:
     """Closed-set metrics over G1 ∪ G2 (+ distractors); open-set per gallery when asked."""
-    first, second, probe = sets
-    g1, g1_subjects = _set_features(pooled, root, prefix, first)
-    g2, g2_subjects = _set_features(pooled, root, prefix, second)
-    probes, probe_subjects = _set_features(pooled, root, prefix, probe)
-    probe_file = ijb_meta.meta_path(root, prefix, f"1N_{probe.name}.csv")
+    first, second, probe = protocol.sets
+    g1, g1_subjects = _set_features(pooled, first, protocol.set_files[first.name])
+    g2, g2_subjects = _set_features(pooled, second, protocol.set_files[second.name])
+    probes, probe_subjects = _set_features(pooled, probe, protocol.set_files[probe.name])
     gallery_subjects = np.concatenate([g1_subjects, g2_subjects])
     mate = mates(probe_subjects, gallery_subjects, "1:N galleries")
     if (mate < 0).any():
-        raise UserError(f"{probe_file}: subject {int(probe_subjects[mate < 0][0])} has no "
-                        "template in either gallery")
+        raise UserError(f"{protocol.set_files[probe.name]}: subject "
+                        f"{int(probe_subjects[mate < 0][0])} has no template in either gallery")
     closed = closed_set_metrics(Gallery(np.concatenate([g1, g2]), distractors), probes, mate)
     metrics = {f"top{k}": v for k, v in closed.top.items()}
     metrics["tpir_at_fpir"] = closed.tpir_at_fpir
     if open_set:
         metrics["open_set"] = {
             search_set.name.removeprefix("gallery_"): open_set_metrics(
-                Gallery(feats, distractors), probes, mates(probe_subjects, subjects,
-                                                          search_set.name))
+                Gallery(feats, distractors), probes,
+                mates(probe_subjects, subjects, protocol.set_files[search_set.name]))
             for search_set, feats, subjects in ((first, g1, g1_subjects),
                                                 (second, g2, g2_subjects))}
     return metrics

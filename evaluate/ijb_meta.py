@@ -118,8 +118,8 @@ def read_landmarks(root: Path, prefix: str, names: list[str]) -> Landmarks:
 def read_pairs(root: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
     """``P_template_pair_label.txt`` -> (pairs int64 [P,2], labels int8 [P]).
 
-    15.7M lines for IJB-C: parsed in C, and only when that fails re-read line by line to
-    report where.
+    15.7M lines for IJB-C: parsed in C and checked vectorised; only a bad file is re-read
+    line by line to report where.
     """
     path = meta_path(root, prefix, "template_pair_label.txt")
     if not path.is_file():
@@ -131,15 +131,39 @@ def read_pairs(root: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
             values = np.fromstring(data, dtype=np.int64, sep=" ")
         except (ValueError, DeprecationWarning):
             values = None
-    lines = data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
-    if values is None or len(values) != 3 * lines:
-        _check_pair_lines(path, data)  # raises at the bad line; blank lines alone are fine
-    table = values.reshape(-1, 3)
-    if not np.isin(table[:, 2], (0, 1)).all():
-        _check_pair_lines(path, data)
-    if not len(table):
+    if values is None or _first_bad_line(data, 3) is not None \
+            or not np.isin(values[2::3], (0, 1)).all():
+        _check_pair_lines(path, data)  # raises naming the line
+        raise UserError(f"{path}: unreadable pair list")
+    if not len(values):
         raise UserError(f"{path}: no pairs listed")
+    table = values.reshape(-1, 3)
     return table[:, :2].copy(), table[:, 2].astype(np.int8)
+
+
+def _first_bad_line(data: bytes, fields: int, chunk: int = 1 << 24) -> int | None:
+    """1-based number of the first non-blank line without exactly ``fields`` tokens.
+
+    Vectorised per 16 MB chunk (token starts counted per line), so checking IJB-C's 15.7M
+    lines costs a fraction of a second.
+    """
+    lines_before, pos = 0, 0
+    while pos < len(data):
+        end = data.find(b"\n", pos + chunk - 1)
+        end = len(data) if end < 0 else end + 1
+        buf = np.frombuffer(data, np.uint8, count=end - pos, offset=pos)
+        newlines = np.flatnonzero(buf == 10)
+        token = buf > 32  # tokens are printable; separators are space, tab, CR, LF
+        starts = np.flatnonzero(token[1:] & ~token[:-1]) + 1
+        if token[0]:
+            starts = np.r_[0, starts]
+        counts = np.diff(np.r_[0, np.searchsorted(starts, newlines), len(starts)])
+        bad = np.flatnonzero((counts != 0) & (counts != fields))
+        if len(bad):
+            return lines_before + int(bad[0]) + 1
+        lines_before += len(newlines)
+        pos = end
+    return None
 
 
 def _check_pair_lines(path: Path, data: bytes) -> None:

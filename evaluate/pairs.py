@@ -16,11 +16,21 @@ from common.progress import Progress
 DENSE_FACTOR = 64  # a matmul entry costs far less than a gathered pair: dense wins up to this
 
 
+def _distinct(rows: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted distinct rows and each element's index among them, without sorting P items."""
+    present = np.zeros(size, dtype=bool)
+    present[rows] = True
+    distinct = np.flatnonzero(present)
+    lookup = np.zeros(size, dtype=np.int64)
+    lookup[distinct] = np.arange(len(distinct))
+    return distinct, lookup[rows]
+
+
 def pair_scores(features: np.ndarray, rows1: np.ndarray, rows2: np.ndarray,
                 block_bytes: int = 256 << 20) -> np.ndarray:
     """float64 [P] dot products ``features[rows1[i]] . features[rows2[i]]``."""
-    left, left_index = np.unique(rows1, return_inverse=True)
-    right, right_index = np.unique(rows2, return_inverse=True)
+    left, left_index = _distinct(rows1, len(features))
+    right, right_index = _distinct(rows2, len(features))
     scores = np.empty(len(rows1), dtype=np.float64)
     if len(left) * len(right) <= DENSE_FACTOR * len(rows1):
         _dense(features, left, left_index, right, right_index, scores, block_bytes)
@@ -32,13 +42,19 @@ def pair_scores(features: np.ndarray, rows1: np.ndarray, rows2: np.ndarray,
 def _dense(features, left, left_index, right, right_index, scores, block_bytes) -> None:
     right_features = np.ascontiguousarray(features[right])
     block = max(1, block_bytes // (8 * len(right)))
-    order = np.argsort(left_index, kind="stable")
-    bounds = np.searchsorted(left_index[order], np.arange(0, len(left) + block, block))
+    block_of_pair = left_index // block
+    # small-integer keys: numpy's stable sort is a radix sort here, O(P)
+    order = np.argsort(block_of_pair.astype(np.uint16 if block_of_pair.max() < 65536
+                                             else np.int64), kind="stable")
+    bounds = np.searchsorted(block_of_pair[order], np.arange(0, len(left) // block + 2))
+    buffer = np.empty((min(block, len(left)), len(right)))  # reused: no page faults per block
     with Progress(len(scores), "1:1 pair scores", "pair") as progress:
         for b, start in enumerate(range(0, len(left), block)):
-            similarity = features[left[start:start + block]] @ right_features.T
+            rows = features[left[start:start + block]]
+            similarity = np.matmul(rows, right_features.T, out=buffer[:len(rows)])
             chosen = order[bounds[b]:bounds[b + 1]]
-            scores[chosen] = similarity[left_index[chosen] - start, right_index[chosen]]
+            flat = (left_index[chosen] - start) * len(right) + right_index[chosen]
+            scores[chosen] = np.take(similarity.reshape(-1), flat)
             progress.update(len(chosen))
 
 

@@ -16,23 +16,58 @@ FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray,
                                                                np.ndarray]:
-    """(fpr, tpr, thresholds), descending thresholds, as sklearn's default roc_curve."""
+    """(fpr, tpr, thresholds), descending thresholds, as sklearn's default roc_curve.
+
+    sklearn argsorts all scores and takes second differences over every distinct value. For
+    15.7M IJB-C pairs with 20k genuine ones that is slow, and unnecessary: walking down the
+    thresholds, the curve's step (impostors, genuines) at a distinct value is (1, 0) unless the
+    value is shared or genuine, and a point is kept only where the step changes. So we sort
+    the scores once and do the rest on those few "special" values.
+    """
     labels = np.asarray(labels).astype(bool)
     scores = np.asarray(scores, dtype=np.float64)
     if labels.all() or not labels.any():
         raise ValueError("ROC needs both genuine and impostor pairs")
-    order = np.argsort(scores, kind="stable")[::-1]
-    scores, labels = scores[order], labels[order]
-    last_of_value = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]
-    tps = np.cumsum(labels, dtype=np.int64)[last_of_value]
-    fps = last_of_value + 1 - tps
-    thresholds = scores[last_of_value]
-    if len(fps) > 2:  # drop points in the middle of straight segments
-        keep = np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True]
-        fps, tps, thresholds = fps[keep], tps[keep], thresholds[keep]
+    ascending = np.sort(scores)
+    total = len(ascending)
+    same = ascending[1:] == ascending[:-1]
+    first = np.flatnonzero(np.r_[True, ~same])  # first sorted position of each distinct value
+    distinct = len(first)
+    # value index (ascending) of each genuine pair and of each shared value
+    genuine_values = np.sort(np.searchsorted(first, np.searchsorted(ascending, scores[labels])))
+    shared = np.searchsorted(first, np.flatnonzero(same) + 1, side="right") - 1
+    special = _sorted_union(genuine_values, shared)
+    following = np.minimum(special + 1, distinct - 1)
+    size = np.where(special + 1 < distinct, first[following], total) - first[special]
+    genuine = np.searchsorted(genuine_values, special, side="right") - np.searchsorted(
+        genuine_values, special)
+    # walk in descending order: index i <-> value index distinct-1-i
+    down = distinct - 1 - special[::-1]
+    step_g, step_n = genuine[::-1], (size - genuine)[::-1]
+
+    def step(i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        where = np.minimum(np.searchsorted(down, i), len(down) - 1)
+        hit = down[where] == i
+        return np.where(hit, step_g[where], 0), np.where(hit, step_n[where], 1)
+
+    candidates = _sorted_union(down, down - 1)
+    candidates = candidates[(candidates >= 1) & (candidates <= distinct - 2)]
+    g0, n0 = step(candidates)
+    g1, n1 = step(candidates + 1)
+    kept = _sorted_union(np.array([0, distinct - 1]), candidates[(g0 != g1) | (n0 != n1)])
+    value = distinct - 1 - kept
+    tps = len(genuine_values) - np.searchsorted(genuine_values, value)
+    fps = (total - first[value]) - tps
+    thresholds = ascending[first[value]]
     fps, tps = np.r_[0, fps], np.r_[0, tps]
     thresholds = np.r_[np.inf, thresholds]
     return fps / fps[-1], tps / tps[-1], thresholds
+
+
+def _sorted_union(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """np.union1d by sort and neighbour test (numpy's hash-based unique is slow at 1M+)."""
+    merged = np.sort(np.concatenate([a, b]))
+    return merged[np.r_[True, merged[1:] != merged[:-1]]] if len(merged) else merged
 
 
 def tar_at_far(fpr: np.ndarray, tpr: np.ndarray, fars=FARS) -> dict[str, float]:

@@ -69,6 +69,8 @@ class Gallery:
     def vectors(self, ids: np.ndarray) -> np.ndarray:
         """float64 rows for gallery ids (templates first, then distractors)."""
         ids = np.asarray(ids)
+        if self.distractors is None:
+            return np.take(self.templates, ids, axis=0)
         out = np.empty((*ids.shape, self.templates.shape[1]), np.float64)
         own = ids < len(self.templates)
         out[own] = self.templates[ids[own]]
@@ -94,7 +96,7 @@ def _exact(gallery: Gallery, probes: np.ndarray, ids: np.ndarray) -> np.ndarray:
         block = ids[start:start + chunk]
         valid = block >= 0
         vectors = gallery.vectors(np.where(valid, block, 0))
-        scores = np.einsum("qkd,qd->qk", vectors, probes[start:start + chunk])
+        scores = np.matmul(vectors, probes[start:start + chunk, :, None])[..., 0]
         out[start:start + chunk] = np.where(valid, scores, -np.inf)
     return out
 

@@ -1,0 +1,147 @@
+"""IJB-C scoring after features: our vectorised evaluate package vs the per-template loops.
+
+Builds an IJB-C-sized protocol in memory (469,375 images, 23,124 templates, 15,658,489 pairs,
+3,531 gallery and 19,593 probe templates at --scale 1; synthetic meta, random features with
+a subject structure so the metrics are not trivial), then times, in the same run, from
+per-image features to every metric (TAR@FAR, top-1/5/10, TPIR@FPIR):
+
+- ours: evaluate.ijb.score (sort-based pooling, BLAS pair blocks, faiss 1:N);
+- reference: bench/ijb_reference.py, the loops of insightface's eval_ijbc.py / ijb_1n.py.
+
+Meta parsing is outside both timings. The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import ijb_reference
+
+from evaluate import ijb
+from evaluate.ijb_meta import ImageMeta, SearchSet
+
+FULL = {"images": 469_375, "templates": 23_124, "pairs": 15_658_489, "gallery": 3_531}
+
+
+def synthetic_protocol(scale: float, seed: int = 0, dim: int = 512, noise: float = 8.0):
+    """(images, features float32, faceness, protocol) shaped like IJB-C at ``scale``."""
+    rng = np.random.default_rng(seed)
+    n_images = max(40, round(FULL["images"] * scale))
+    n_templates = max(20, round(FULL["templates"] * scale))
+    n_gallery = max(6, round(FULL["gallery"] * scale))
+    n_pairs = max(100, round(FULL["pairs"] * scale))
+    n_probe = n_templates - n_gallery
+    template_ids = rng.permutation(n_templates).astype(np.int64) + 1
+    subject_of = np.concatenate([np.arange(n_gallery), rng.integers(0, n_gallery, n_probe)])
+    owner = np.concatenate([np.arange(n_templates),
+                            rng.integers(0, n_templates, n_images - n_templates)])
+    rng.shuffle(owner)
+    templates = template_ids[owner]
+    medias = owner * 4 + rng.integers(0, 4, n_images)  # up to 4 media (videos) per template
+    centers = rng.standard_normal((n_gallery, dim), dtype=np.float32)
+    features = rng.standard_normal((n_images, dim), dtype=np.float32)
+    for start in range(0, n_images, 65536):
+        block = slice(start, start + 65536)
+        features[block] *= noise
+        features[block] += centers[subject_of[owner[block]]]
+    faceness = rng.uniform(0.5, 1.0, n_images)
+
+    probe_rows = np.arange(n_gallery, n_templates)
+    genuine = np.stack([subject_of[probe_rows], probe_rows], axis=1)  # gallery row = subject
+    impostor = np.stack([rng.integers(0, n_gallery, n_pairs - n_probe),
+                         rng.integers(n_gallery, n_templates, n_pairs - n_probe)], axis=1)
+    rows = np.concatenate([genuine, impostor])[rng.permutation(n_pairs)]
+    labels = (subject_of[rows[:, 0]] == subject_of[rows[:, 1]]).astype(np.int8)
+    pairs = template_ids[rows]
+
+    def search_set(name: str, members: np.ndarray) -> SearchSet:
+        rows_of = np.flatnonzero(np.isin(owner, members))
+        return SearchSet(name, templates[rows_of], subject_of[owner[rows_of]] + 1000)
+
+    half = n_gallery // 2
+    sets = (search_set("gallery_G1", np.arange(half)),
+            search_set("gallery_G2", np.arange(half, n_gallery)),
+            search_set("probe_mixed", probe_rows))
+    protocol = ijb.Protocol(pairs, labels, sets, "pairs", {s.name: s.name for s in sets})
+    images = ImageMeta([f"{i}.jpg" for i in range(n_images)], templates, medias)
+    return images, features, faceness, protocol
+
+
+def run_reference(images, features, faceness, protocol) -> dict:
+    g1, g2, probe = ((s.templates, s.subjects) for s in protocol.sets)
+    return ijb_reference.evaluate(features, faceness, images.templates, images.medias,
+                                  protocol.pairs, protocol.labels, g1, g2, probe)
+
+
+def flatten(metrics: dict, prefix: str = "") -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}/"))
+        else:
+            out[prefix + key] = float(value)
+    return out
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", type=float, default=1.0, help="fraction of IJB-C size")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    start = time.perf_counter()
+    images, features, faceness, protocol = synthetic_protocol(args.scale, args.seed, args.dim)
+    print(f"built protocol in {time.perf_counter() - start:.1f} s: {len(features)} images, "
+          f"{len(np.unique(images.templates))} templates, {len(protocol.pairs)} pairs, "
+          f"{len(np.unique(protocol.sets[2].templates))} probe templates", flush=True)
+
+    start = time.perf_counter()
+    ours = ijb.score(images, features, faceness, protocol).metrics
+    ours_s = time.perf_counter() - start
+    print(f"ours:      {ours_s:8.2f} s  {json.dumps(ours)}", flush=True)
+    start = time.perf_counter()
+    reference = run_reference(images, features, faceness, protocol)
+    reference_s = time.perf_counter() - start
+    print(f"reference: {reference_s:8.2f} s  {json.dumps(reference)}", flush=True)
+
+    mine, theirs = flatten(ours), flatten(reference)
+    if mine.keys() != theirs.keys():
+        raise SystemExit(f"metric keys differ: {sorted(mine)} vs {sorted(theirs)}")
+    diff = max(abs(mine[k] - theirs[k]) for k in mine)
+    print(f"ratio reference/ours: {reference_s / ours_s:.1f}x, max |metric diff| = {diff:.3g}")
+    print(json.dumps({"ours_s": round(ours_s, 3), "reference_s": round(reference_s, 3),
+                      "ratio": round(reference_s / ours_s, 2), "max_abs_metric_diff": diff,
+                      "scale": args.scale, "images": len(features),
+                      "pairs": len(protocol.pairs), "machine": machine(),
+                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}))
+
+
+if __name__ == "__main__":
+    main()
