@@ -42,7 +42,6 @@ class Canvas:
         self.image = np.empty((3, height, width), np.float32)
         self.px_per_unit = float(np.sqrt(abs(np.linalg.det(self.to_image[:, :2]))))
         self._reach = float(np.linalg.norm(self.to_image[:, :2], 2))
-        self.soft = 1.0 / self.px_per_unit  # one output pixel, in canonical units
 
     def window(self, cx: float, cy: float, radius: float) -> Window:
         """Output pixels that can see the canonical disc (cx, cy, radius)."""
@@ -58,7 +57,8 @@ class Canvas:
         return self.X[win], self.Y[win]
 
     def edge(self, signed_distance: np.ndarray) -> np.ndarray:
-        """Anti-aliased coverage from a signed distance (negative inside), canonical units."""
+        """Anti-aliased coverage (one output pixel of ramp) from a signed distance in canonical
+        units, negative inside."""
         return unit_clip(0.5 - signed_distance * self.px_per_unit)
 
     def linear(self, kx: float, ky: float, offset: float,
