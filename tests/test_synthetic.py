@@ -82,8 +82,8 @@ def test_aligned_landmarks_sit_near_the_arcface_template(faces) -> None:
 
 
 def test_eye_landmarks_sit_on_the_drawn_eyes(faces) -> None:
-    """Pupils and lashes are dark: a 5x5 patch at each eye landmark is much darker than the
-    cheek 12 px below it, in every undamaged photo."""
+    """Pupils and lashes are dark: a 5x5 patch at each eye landmark is under 0.7x as bright
+    as the cheek 12 px below it, in every undamaged photo (typically 0.15x)."""
     for face in faces.values():
         if face.quality != "good":
             continue
@@ -91,7 +91,7 @@ def test_eye_landmarks_sit_on_the_drawn_eyes(faces) -> None:
         for x, y in np.round(face.landmarks[:2]).astype(int):
             eye = grey[y - 2:y + 3, x - 2:x + 3].min()
             cheek = grey[y + 10:y + 15, x - 2:x + 3].min()
-            assert eye < cheek - 30
+            assert eye < 0.7 * cheek
 
 
 def test_quality_mix(faces) -> None:
