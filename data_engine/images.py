@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import simplejpeg
 from PIL import Image, UnidentifiedImageError
@@ -32,11 +32,14 @@ class RejectedImageError(Exception):
     """A file that is not stored; the message is the reason written to rejected.tsv."""
 
 
-@dataclass(frozen=True)
-class JpegInfo:
+class JpegInfo(NamedTuple):
     width: int
     height: int
     components: int
+
+
+_SEGMENT = struct.Struct(">BBH")  # 0xFF, marker, segment length
+_FRAME = struct.Struct(">HHB")  # height, width, components (after the precision byte)
 
 
 def jpeg_info(data: bytes) -> JpegInfo:
@@ -45,26 +48,24 @@ def jpeg_info(data: bytes) -> JpegInfo:
     while True:
         if pos + 4 > end:
             raise RejectedImageError("truncated jpeg (no frame header)")
-        if data[pos] != 0xFF:
+        fill, marker, length = _SEGMENT.unpack_from(data, pos)
+        if fill != 0xFF:
             raise RejectedImageError(f"corrupt jpeg (no marker at byte {pos})")
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte before a marker
-            pos += 1
-            continue
-        if marker in _NO_LENGTH_MARKERS:
-            pos += 2
-            continue
-        if marker == _SOS or marker == 0xD9:
-            raise RejectedImageError("corrupt jpeg (no frame header before scan data)")
-        length = (data[pos + 2] << 8) | data[pos + 3]
         if marker in _SOF_MARKERS:
             if pos + 10 > end:
                 raise RejectedImageError("truncated jpeg (frame header cut)")
-            height, width, components = struct.unpack_from(">HHB", data, pos + 5)
+            height, width, components = _FRAME.unpack_from(data, pos + 5)
             return JpegInfo(width, height, components)
-        if length < 2:
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+        elif marker in _NO_LENGTH_MARKERS:
+            pos += 2
+        elif marker == _SOS or marker == 0xD9:
+            raise RejectedImageError("corrupt jpeg (no frame header before scan data)")
+        elif length < 2:
             raise RejectedImageError(f"corrupt jpeg (bad segment length at byte {pos})")
-        pos += 2 + length
+        else:
+            pos += 2 + length
 
 
 def _has_eoi(data: bytes) -> bool:

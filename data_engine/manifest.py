@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -114,14 +115,14 @@ def remove_temp_files(out: Path) -> None:
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """np.savez with a fixed timestamp, so the index is byte-identical between runs."""
-    temp = path.with_name(f".{path.name}{TEMP_SUFFIX}")
-    with zipfile.ZipFile(temp, "w", compression=zipfile.ZIP_STORED) as archive:
+    archive_bytes = io.BytesIO()
+    with zipfile.ZipFile(archive_bytes, "w", compression=zipfile.ZIP_STORED) as archive:
         for name, array in arrays.items():
             buffer = io.BytesIO()
             np.lib.format.write_array(buffer, np.ascontiguousarray(array), allow_pickle=False)
             archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)),
                              buffer.getvalue())
-    temp.replace(path)
+    _write_bytes(path, archive_bytes.getvalue())
 
 
 def _tsv_field(text: str) -> str:
@@ -129,9 +130,26 @@ def _tsv_field(text: str) -> str:
 
 
 def _write_text(path: Path, text: str) -> None:
+    _write_bytes(path, text.encode("utf-8", "surrogateescape"))
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    """Durable atomic replace: temp file, fsync, rename."""
     temp = path.with_name(f".{path.name}{TEMP_SUFFIX}")
-    temp.write_text(text, encoding="utf-8", errors="surrogateescape")
+    with open(temp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
     temp.replace(path)
+
+
+def sync_dir(path: Path) -> None:
+    """Make the renames inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_outputs(out: Path, run: dict[str, Any], scan: Scan, metas: list[Meta]) -> dict:
@@ -178,7 +196,7 @@ def write_outputs(out: Path, run: dict[str, Any], scan: Scan, metas: list[Meta])
                     "num_images": sum(len(s[2]) for s in meta["samples"]),
                     "bytes": meta["bytes"], "sha256": meta["sha256"]} for meta in metas],
     }
-    temp = out / f".{MANIFEST}{TEMP_SUFFIX}"
-    temp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    temp.replace(out / MANIFEST)
+    sync_dir(out)  # shards and index are durable before the manifest says "complete"
+    _write_text(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    sync_dir(out)
     return manifest

@@ -22,6 +22,7 @@ import os
 import re
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from data_engine.plan import ShardPlan, plan_shards
 from data_engine.shardwriter import (
     Meta,
     WriteOptions,
+    commit_shard,
     finished_meta,
     init_worker,
     relabel_shard,
@@ -115,13 +117,18 @@ def _scan(source: Source, workers: int) -> Scan:
 
 def _write(source: Source, scan: Scan, plans: list[ShardPlan], out: Path,
            args: argparse.Namespace) -> list[Meta]:
-    """Verify finished shards, write the missing ones in parallel; sidecars in plan order."""
+    """Verify finished shards, write the missing ones in parallel; sidecars in plan order.
+
+    Workers only write; this process fsyncs and renames finished shards in a thread, so disk
+    writeback overlaps the work on the next shards instead of stalling a worker.
+    """
     context = _pool_context()
     counter = context.Value("q", 0)
     options = WriteOptions(out, args.verify, args.on_mismatch)
     metas: list[Meta | None] = [None] * len(plans)
-    with context.Pool(args.workers, initializer=init_worker,
-                      initargs=(source, options, counter)) as pool:
+    with ThreadPoolExecutor(2, thread_name_prefix="commit") as committer, \
+            context.Pool(args.workers, initializer=init_worker,
+                         initargs=(source, options, counter)) as pool:
         existing = [plan for plan in plans if manifest.meta_exists(out, plan.name)]
         for plan, meta in zip(existing, pool.imap(finished_meta,
                                                   [(out, plan) for plan in existing])):
@@ -133,18 +140,18 @@ def _write(source: Source, scan: Scan, plans: list[ShardPlan], out: Path,
             (out / manifest.MANIFEST).unlink(missing_ok=True)  # incomplete until rewritten
         jobs = [(plan, scan.identities[plan.first:plan.stop]) for plan in todo]
         results = pool.imap_unordered(write_shard, jobs)
+        commits = []
         with Progress(sum(plan.num_files for plan in todo), "sharding", unit="img") as bar:
-            done = 0
-            while done < len(jobs):
+            while len(commits) < len(jobs):
                 try:
-                    meta = results.next(timeout=0.5)
+                    commits.append(committer.submit(commit_shard, out, results.next(0.5)))
+                    bar.set_postfix(f"{len(commits)}/{len(jobs)} shards")
                 except mp.TimeoutError:
-                    meta = None
+                    pass
                 bar.update(counter.value - bar.count)
-                if meta is not None:
-                    done += 1
-                    metas[meta["index"]] = meta
-                    bar.set_postfix(f"{done}/{len(jobs)} shards")
+            for commit in commits:
+                meta = commit.result()
+                metas[meta["index"]] = meta
     return _fix_labels([meta for meta in metas if meta is not None], out)
 
 

@@ -74,21 +74,28 @@ def write_sample(writer: TarWriter, label: int, identity: str, image_names: list
     return offsets
 
 
-def _finish(writer: TarWriter, final: Path, meta: Meta, out: Path) -> Meta:
-    meta["bytes"], meta["sha256"] = writer.close()
-    os.replace(writer.path, final)
-    write_json(meta_path(out, final.name), meta)
+def commit_shard(out: Path, meta: Meta) -> Meta:
+    """fsync a finished temp tar, rename it into place, then write its sidecar."""
+    final = out / meta["name"]
+    temp = temp_path(final)
+    fd = os.open(temp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temp, final)
+    write_json(meta_path(out, meta["name"]), meta)
     return meta
 
 
 def write_shard(job: tuple[ShardPlan, list[Identity]]) -> Meta:
-    """Read, check and store the identities of one shard; returns its sidecar."""
+    """Read, check and store the identities of one shard under its temp name; returns the
+    sidecar for `commit_shard`."""
     plan, identities = job
     source: Source = _worker["source"]
     options: WriteOptions = _worker["options"]
     counter: Synchronized = _worker["counter"]
-    final = options.out / plan.name
-    writer = TarWriter(temp_path(final))
+    writer = TarWriter(temp_path(options.out / plan.name))
     meta: Meta = {"index": plan.index, "name": plan.name, "plan_hash": plan.plan_hash,
                   "label_base": plan.label_base, "samples": [], "rejected": [],
                   "dropped": [], "num_converted": 0}
@@ -117,7 +124,8 @@ def write_shard(job: tuple[ShardPlan, list[Identity]]) -> Meta:
             offsets = write_sample(writer, label, identity.name, names, images)
             meta["samples"].append([identity.name, names, offsets, [len(i) for i in images]])
             label += 1
-        return _finish(writer, final, meta, options.out)
+        meta["bytes"], meta["sha256"] = writer.close()
+        return meta
     except BaseException:
         writer.abort()
         writer.path.unlink(missing_ok=True)
@@ -137,7 +145,8 @@ def relabel_shard(meta: Meta, out: Path, label_base: int) -> Meta:
                 images = [os.pread(fd, size, offset) for offset, size in zip(offsets, sizes)]
                 new_offsets = write_sample(writer, label_base + i, identity, names, images)
                 new["samples"].append([identity, names, new_offsets, sizes])
-        return _finish(writer, final, new, out)
+        new["bytes"], new["sha256"] = writer.close()
+        return commit_shard(out, new)
     except BaseException:
         writer.abort()
         writer.path.unlink(missing_ok=True)

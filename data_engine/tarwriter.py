@@ -32,9 +32,10 @@ def _template() -> bytearray:
 
 _TEMPLATE = _template()
 _TEMPLATE_SUM = sum(_TEMPLATE)
+_ZEROS = memoryview(bytes(BLOCK))
 
 
-def member_header(name: str, size: int) -> bytes:
+def member_header(name: str, size: int) -> bytearray:
     """The 512-byte ustar header of a regular file `name` with `size` bytes."""
     encoded = name.encode("utf-8")
     if len(encoded) > 100:
@@ -47,49 +48,52 @@ def member_header(name: str, size: int) -> bytes:
     header[124:135] = size_field
     checksum = _TEMPLATE_SUM + sum(encoded) + sum(size_field)  # both fields were zeros
     header[148:156] = b"%06o\x00 " % checksum
-    return bytes(header)
+    return header
 
 
 class TarWriter:
-    """Append members to a new tar file; `close()` pads, fsyncs and returns (bytes, sha256)."""
+    """Append members to a new tar file; `close()` pads and returns (bytes, sha256).
+
+    No fsync here: the caller makes the file durable before renaming it (the sharder does
+    that in a background thread, so disk writeback overlaps the next shard's work).
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self._buffer = bytearray()
+        self._pending: list[bytes | bytearray | memoryview] = []  # joined once per flush:
+        self._pending_bytes = 0  # cheaper than growing a bytearray member by member
         self._sha = hashlib.sha256()
         self.position = 0
 
     def add(self, name: str, data: bytes) -> int:
         """Append one file; returns the byte offset of its data in the archive."""
-        self._buffer += member_header(name, len(data))
+        size = len(data)
+        padding = -size % BLOCK
+        self._pending += (member_header(name, size), data, _ZEROS[:padding])
         offset = self.position + BLOCK
-        self._buffer += data
-        padding = -len(data) % BLOCK
-        if padding:
-            self._buffer += bytes(padding)
-        self.position = offset + len(data) + padding
-        if len(self._buffer) >= _FLUSH_BYTES:
+        self.position = offset + size + padding
+        self._pending_bytes += BLOCK + size + padding
+        if self._pending_bytes >= _FLUSH_BYTES:
             self._flush()
         return offset
 
     def _flush(self) -> None:
-        view = memoryview(self._buffer)
-        self._sha.update(view)
+        chunk = b"".join(self._pending)
+        self._pending.clear()
+        self._pending_bytes = 0
+        self._sha.update(chunk)
+        view = memoryview(chunk)
         while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
-        view.release()
-        self._buffer.clear()
+            view = view[os.write(self._fd, view):]
 
     def close(self) -> tuple[int, str]:
-        """Finish the archive (two zero blocks, record padding) and make it durable."""
+        """Finish the archive (two zero blocks, record padding) and close the file."""
         end = self.position + 2 * BLOCK
         end += -end % RECORD
-        self._buffer += bytes(end - self.position)
+        self._pending.append(bytes(end - self.position))
         self.position = end
         self._flush()
-        os.fsync(self._fd)
         os.close(self._fd)
         self._fd = -1
         return self.position, self._sha.hexdigest()

@@ -11,7 +11,7 @@ import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 # imap(function, iterable) -> iterator of results in order (a process pool's imap, or map).
 Imap = Callable[[Callable[[Any], Any], Iterable[Any]], Iterator[Any]]
@@ -28,8 +28,7 @@ class Identity:
     ref: int = 0  # source-private handle (record-range index, synthetic identity number)
 
 
-@dataclass(frozen=True)
-class SourceFile:
+class SourceFile(NamedTuple):  # a tuple: built once per image, so it must be cheap
     """One image of an identity as read: `data`, or `error` saying why it could not be read."""
 
     name: str  # image name inside the identity (goes into the sample's json)

@@ -19,39 +19,63 @@ WEBFACE_PARTS = {
     "webface42m": 10,
 }
 _SCAN_CHUNK = 64  # identity folders per worker task: enough to hide the task overhead
+_READ_CHUNK = 1 << 16  # one read() covers an aligned face JPEG; larger files loop
 
 
-def list_identity(directory: str) -> tuple[list[tuple[str, int]], list[tuple[str, str]]]:
-    """(name, size) of the files in one identity folder, sorted; and entries we cannot use."""
+def list_identity(directory: str) -> tuple[list[os.DirEntry], list[tuple[str, str]]]:
+    """The files of one identity folder sorted by name, and the entries we cannot use.
+
+    No file is stat'ed: directory entries carry their type, which keeps a 42M-file scan to
+    one getdents pass instead of 42M stat calls.
+    """
     files, rejected = [], []
     with os.scandir(directory) as entries:
         for entry in sorted(entries, key=lambda e: e.name):
-            path = os.path.join(directory, entry.name)
             try:
-                if entry.is_dir():
-                    rejected.append((path, "folder inside an identity folder (not read)"))
-                elif entry.is_file():
-                    files.append((entry.name, entry.stat().st_size))
+                if entry.is_file():
+                    files.append(entry)
+                elif entry.is_dir():
+                    rejected.append((entry.path, "folder inside an identity folder (not read)"))
                 elif entry.is_symlink():
-                    rejected.append((path, "unreadable (broken symlink)"))
+                    rejected.append((entry.path, "unreadable (broken symlink)"))
                 else:
-                    rejected.append((path, "not a regular file"))
+                    rejected.append((entry.path, "not a regular file"))
             except OSError as error:
-                rejected.append((path, f"unreadable ({error.strerror})"))
+                rejected.append((entry.path, f"unreadable ({error.strerror})"))
     return files, rejected
 
 
-def _scan_chunk(task: tuple[str, list[str]]) -> list[tuple[str, list, list]]:
+def _summary(base: str, name: str) -> tuple[str, int, int, str, list[tuple[str, str]]]:
+    """(name, files, estimated bytes, digest, rejected) of one identity folder.
+
+    Bytes are estimated as files x the first file's size (one stat per identity: aligned
+    crops of one person are of similar size, and the estimate only places shard
+    boundaries). The digest covers names and inode numbers, so a rerun notices files that
+    were added, removed or replaced.
+    """
+    files, rejected = list_identity(f"{base}/{name}")
+    if not files:
+        return name, 0, 0, "", rejected
+    try:
+        first_size = files[0].stat().st_size
+    except OSError:
+        first_size = 0  # unreadable: the worker rejects it with the reason
+    digest = listing_digest(f"{entry.name}\t{entry.inode()}" for entry in files)
+    return name, len(files), len(files) * first_size, digest, rejected
+
+
+def _scan_chunk(task: tuple[str, list[str]]) -> list[tuple[str, int, int, str, list]]:
+    """Summaries of some identity folders: only these travel back to the parent."""
     base, names = task
-    return [(name, *list_identity(os.path.join(base, name))) for name in names]
+    return [_summary(base, name) for name in names]
 
 
-def read_file(path: str, expected_size: int) -> bytes:
-    """Whole file in as few syscalls as possible (the size is known from the scan)."""
+def read_file(path: str) -> bytes:
+    """Whole file in as few syscalls as possible: open, one read, close for a face crop."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        data = os.read(fd, expected_size + 1)
-        if len(data) > expected_size:  # grew since the scan: read the rest too
+        data = os.read(fd, _READ_CHUNK)
+        if len(data) == _READ_CHUNK:  # a short read on a regular file is its end
             chunks = [data]
             while chunk := os.read(fd, 1 << 20):
                 chunks.append(chunk)
@@ -96,20 +120,17 @@ class FolderSource(Source):
                     if entry.is_dir():
                         names.append(entry.name)
                     else:
-                        scan.rejected.append((os.path.join(base, entry.name),
-                                              "not inside an identity folder"))
+                        scan.rejected.append((entry.path, "not inside an identity folder"))
             tasks += [(prefix, base, names[i:i + _SCAN_CHUNK])
                       for i in range(0, len(names), _SCAN_CHUNK)]
         results = imap(_scan_chunk, [(base, names) for _, base, names in tasks])
         for (prefix, _, _), chunk in zip(tasks, results):
-            for name, files, rejected in chunk:
+            for name, num_files, num_bytes, digest, rejected in chunk:
                 scan.rejected += rejected
-                if not files:
+                if num_files:
+                    scan.identities.append(Identity(prefix + name, num_files, num_bytes, digest))
+                else:
                     scan.empty.append(prefix + name)
-                    continue
-                digest = listing_digest(f"{n}\t{s}" for n, s in files)
-                scan.identities.append(Identity(prefix + name, len(files),
-                                                sum(s for _, s in files), digest))
         if not scan.identities:
             raise UserError(f"--root {self.root}: no images found (expected "
                             f"{self.root}/{'<part>/' if self.parts else ''}<identity>/<image>)")
@@ -117,15 +138,14 @@ class FolderSource(Source):
         return scan
 
     def read_identity(self, identity: Identity) -> Iterator[SourceFile]:
-        directory = os.path.join(self.root, identity.name)
+        directory = f"{self.root}/{identity.name}"
         files, _ = list_identity(directory)
-        if listing_digest(f"{n}\t{s}" for n, s in files) != identity.digest:
+        if len(files) != identity.num_files:
             raise UserError(f"{directory}: files changed while sharding; rerun to re-plan")
-        for name, size in files:
-            path = os.path.join(directory, name)
+        for entry in files:
             try:
-                data = read_file(path, size)
+                data = read_file(entry.path)
             except OSError as error:
-                yield SourceFile(name, path, None, f"unreadable ({error.strerror})")
+                yield SourceFile(entry.name, entry.path, None, f"unreadable ({error.strerror})")
                 continue
-            yield SourceFile(name, path, data)
+            yield SourceFile(entry.name, entry.path, data)
