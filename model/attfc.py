@@ -166,5 +166,5 @@ class AttFCHead(nn.Module):
             torch._foreach_mul_(c_params, self.momentum)
             torch._foreach_add_(c_params, [p.detach() for p in f_params],
                                 alpha=1.0 - self.momentum)
-        for c_buf, f_buf in zip(c_buffers, f_buffers):
-            c_buf.copy_(f_buf)
+        if c_buffers:  # one fused launch instead of ~3 per BN layer (r100: ~750)
+            torch._foreach_copy_(c_buffers, f_buffers)

@@ -31,9 +31,7 @@ class CombinedMargin(nn.Module):
             raise ValueError(f"margin needs s > 0 and m1 > 0, got s={s}, m1={m1}")
         self.scale = float(s)
         self.m1, self.m2, self.m3 = float(m1), float(m2), float(m3)
-        theta_t = (math.pi - self.m2) / self.m1
-        self._theta_t = theta_t
-        self._cos_t = math.cos(theta_t) if theta_t < math.pi else -1.0
+        self._theta_t = (math.pi - self.m2) / self.m1
 
     def extra_repr(self) -> str:
         return f"s={self.scale}, m1={self.m1}, m2={self.m2}, m3={self.m3}"
@@ -41,14 +39,14 @@ class CombinedMargin(nn.Module):
     def forward(self, cos_target: torch.Tensor) -> torch.Tensor:
         """Positive cosines [B] (any dtype) -> scaled positive logits [B] in fp32."""
         with torch.autocast(device_type=cos_target.device.type, enabled=False):
-            cos = cos_target.float().clamp(-1.0 + _COS_EPS, 1.0 - _COS_EPS)
+            cos = cos_target.float()
             if self.m1 == 1.0 and self.m2 == 0.0:
                 psi = cos - self.m3  # CosFace: no angle needed
             else:
-                theta = torch.acos(cos)
+                theta = torch.acos(cos.clamp(-1.0 + _COS_EPS, 1.0 - _COS_EPS))
                 psi = torch.cos(self.m1 * theta + self.m2) - self.m3
                 if self._theta_t < math.pi:
-                    fallback = cos - self._cos_t - 1.0 - self.m3
+                    fallback = cos - math.cos(self._theta_t) - 1.0 - self.m3
                     psi = torch.where(theta <= self._theta_t, psi, fallback)
             return psi * self.scale
 
