@@ -108,6 +108,7 @@ def _loose_placement(shot: Shot, rng: np.random.Generator) -> tuple[int, int, np
 
 
 def _place(rng: np.random.Generator, size: int, face: float) -> float:
+    """Face centre along one canvas axis, keeping most of the face inside."""
     margin = 0.42 * face
     return float(rng.uniform(margin, size - margin)) if size > 2 * margin else 0.5 * size
 
