@@ -7,6 +7,7 @@ written last and is the sign that the directory is complete.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -20,7 +21,7 @@ import numpy as np
 
 from common.cli import UserError
 from data_engine.images import IMAGE_SIZE
-from data_engine.shardwriter import PARTS_DIR, TEMP_SUFFIX, Meta, meta_path, write_json
+from data_engine.shardwriter import PARTS_DIR, TEMP_SUFFIX, ShardSummary, meta_path, write_json
 from data_engine.sources import Scan
 
 FORMAT_VERSION = 1
@@ -79,14 +80,33 @@ def remove_outputs(out: Path) -> None:
     shutil.rmtree(out / PARTS_DIR, ignore_errors=True)
 
 
-def open_out_dir(out: Path, run: dict[str, Any], overwrite: bool) -> None:
-    """Create `out` or accept it for resuming `run`; refuse a different dataset's files."""
+def open_out_dir(out: Path, run: dict[str, Any], overwrite: bool) -> int:
+    """Create `out` or accept it for resuming `run`; refuse a different dataset's files.
+
+    Returns a descriptor holding an exclusive lock on `out` (close it when done), so two
+    runs never write the same shards.
+    """
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UserError(f"--out {out}: cannot create it ({error.strerror})") from None
     if not out.is_dir():
         raise UserError(f"--out {out}: not a directory")
+    lock = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _accept(out, run, overwrite)
+    except BlockingIOError:
+        os.close(lock)
+        raise UserError(f"--out {out} is being written by another data_engine.shard "
+                        "run") from None
+    except BaseException:
+        os.close(lock)
+        raise
+    return lock
+
+
+def _accept(out: Path, run: dict[str, Any], overwrite: bool) -> None:
     if any(out.iterdir()):
         recorded = _recorded(out)
         if recorded is None or recorded.get("fingerprint") != run["fingerprint"]:
@@ -152,30 +172,23 @@ def sync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_outputs(out: Path, run: dict[str, Any], scan: Scan, metas: list[Meta]) -> dict:
+def write_outputs(out: Path, run: dict[str, Any], scan: Scan,
+                  shards: list[ShardSummary]) -> dict:
     """identities.txt, index.npz, rejected.tsv, then manifest.json (the completion mark)."""
-    names: list[str] = []
-    counts: list[int] = []
-    shard_of, offsets, sizes = [], [], []
-    rejected = list(scan.rejected)
-    dropped = [{"name": name, "reason": "no files"} for name in scan.empty]
-    for shard_index, meta in enumerate(metas):
-        for identity, _, image_offsets, image_sizes in meta["samples"]:
-            names.append(identity)
-            counts.append(len(image_offsets))
-            shard_of.append(np.full(len(image_offsets), shard_index, dtype=np.int32))
-            offsets.append(image_offsets)
-            sizes.append(image_sizes)
-        rejected += [tuple(row) for row in meta["rejected"]]
-        dropped += [{"name": name, "reason": reason} for name, reason in meta["dropped"]]
+    names = [name for shard in shards for name in shard.identities]
+    counts = np.concatenate([np.zeros(0, np.int64), *(s.image_counts for s in shards)])
     identity_start = np.zeros(len(names) + 1, dtype=np.int64)
     np.cumsum(counts, out=identity_start[1:])
     _save_npz(out / INDEX, {
         "identity_start": identity_start,
-        "image_shard": np.concatenate(shard_of) if shard_of else np.zeros(0, np.int32),
-        "image_offset": np.array([o for group in offsets for o in group], dtype=np.int64),
-        "image_size": np.array([s for group in sizes for s in group], dtype=np.int64),
+        "image_shard": np.repeat(np.arange(len(shards), dtype=np.int32),
+                                 [len(s.offsets) for s in shards]),
+        "image_offset": np.concatenate([np.zeros(0, np.int64), *(s.offsets for s in shards)]),
+        "image_size": np.concatenate([np.zeros(0, np.int64), *(s.sizes for s in shards)]),
     })
+    rejected = [*scan.rejected, *(row for shard in shards for row in shard.rejected)]
+    dropped = [*({"name": name, "reason": "no files"} for name in scan.empty),
+               *({"name": name, "reason": reason} for s in shards for name, reason in s.dropped)]
     _write_text(out / IDENTITIES, "".join(f"{name}\n" for name in names))
     _write_text(out / REJECTED, "path\treason\n" + "".join(
         f"{_tsv_field(path)}\t{_tsv_field(reason)}\n" for path, reason in rejected))
@@ -188,13 +201,13 @@ def write_outputs(out: Path, run: dict[str, Any], scan: Scan, metas: list[Meta])
         "num_identities": len(names),
         "num_images": int(identity_start[-1]),
         "num_rejected": len(rejected),
-        "num_converted": sum(meta["num_converted"] for meta in metas),
+        "num_converted": sum(shard.num_converted for shard in shards),
         "dropped_identities": dropped,
         "image_size": [IMAGE_SIZE, IMAGE_SIZE],
         "files": {"index": INDEX, "identities": IDENTITIES, "rejected": REJECTED},
-        "shards": [{"name": meta["name"], "num_identities": len(meta["samples"]),
-                    "num_images": sum(len(s[2]) for s in meta["samples"]),
-                    "bytes": meta["bytes"], "sha256": meta["sha256"]} for meta in metas],
+        "shards": [{"name": s.name, "num_identities": len(s.identities),
+                    "num_images": len(s.offsets), "bytes": s.bytes, "sha256": s.sha256}
+                   for s in shards],
     }
     sync_dir(out)  # shards and index are durable before the manifest says "complete"
     _write_text(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")

@@ -21,7 +21,7 @@ import multiprocessing as mp
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -32,10 +32,10 @@ from data_engine import manifest
 from data_engine.images import IMAGE_SIZE, ON_MISMATCH, VERIFY_LEVELS
 from data_engine.plan import ShardPlan, plan_shards
 from data_engine.shardwriter import (
-    Meta,
+    ShardSummary,
     WriteOptions,
     commit_shard,
-    finished_meta,
+    finished_shard,
     init_worker,
     relabel_shard,
     write_shard,
@@ -43,6 +43,7 @@ from data_engine.shardwriter import (
 from data_engine.sources import SOURCES, Scan, Source, build_source
 
 log = logging.getLogger("data_engine.shard")
+_SCAN_PROGRESS_MIN_TASKS = 16
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -108,16 +109,32 @@ def _scan(source: Source, workers: int) -> Scan:
     started = time.monotonic()
     with _pool_context().Pool(workers, initializer=init_worker,
                               initargs=(None, None, None)) as pool:
-        scan = source.scan(lambda fn, items: pool.imap(fn, items))
+
+        def imap(function: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
+            tasks = list(items)
+            results = pool.imap(function, tasks)
+            # A small root scans in well under a second; a bar would only add log noise.
+            return (_counted(results, len(tasks), "scanning", "tasks")
+                    if len(tasks) > _SCAN_PROGRESS_MIN_TASKS else results)
+
+        scan = source.scan(imap)
     log.info("scanned %d identities, %d files in %.1fs (%d empty, %d unusable entries)",
              len(scan.identities), sum(i.num_files for i in scan.identities),
              time.monotonic() - started, len(scan.empty), len(scan.rejected))
     return scan
 
 
+def _counted(results: Iterator[Any], total: int, desc: str, unit: str) -> Iterator[Any]:
+    """Pass `results` through while showing progress (scans and checks can take minutes)."""
+    with Progress(total, desc, unit=unit) as bar:
+        for result in results:
+            bar.update()
+            yield result
+
+
 def _write(source: Source, scan: Scan, plans: list[ShardPlan], out: Path,
-           args: argparse.Namespace) -> list[Meta]:
-    """Verify finished shards, write the missing ones in parallel; sidecars in plan order.
+           args: argparse.Namespace) -> list[ShardSummary]:
+    """Keep intact finished shards, write the missing ones in parallel; in plan order.
 
     Workers only write; this process fsyncs and renames finished shards in a thread, so disk
     writeback overlaps the work on the next shards instead of stalling a worker.
@@ -125,15 +142,16 @@ def _write(source: Source, scan: Scan, plans: list[ShardPlan], out: Path,
     context = _pool_context()
     counter = context.Value("q", 0)
     options = WriteOptions(out, args.verify, args.on_mismatch)
-    metas: list[Meta | None] = [None] * len(plans)
+    shards: list[ShardSummary | None] = [None] * len(plans)
     with ThreadPoolExecutor(2, thread_name_prefix="commit") as committer, \
             context.Pool(args.workers, initializer=init_worker,
                          initargs=(source, options, counter)) as pool:
         existing = [plan for plan in plans if manifest.meta_exists(out, plan.name)]
-        for plan, meta in zip(existing, pool.imap(finished_meta,
-                                                  [(out, plan) for plan in existing])):
-            metas[plan.index] = meta
-        todo = [plan for plan in plans if metas[plan.index] is None]
+        checks = pool.imap(finished_shard, [(out, plan) for plan in existing])
+        for plan, summary in zip(existing, _counted(checks, len(existing), "checking finished",
+                                                    "shards")):
+            shards[plan.index] = summary
+        todo = [plan for plan in plans if shards[plan.index] is None]
         log.info("%d shards planned, %d already done, %d to write",
                  len(plans), len(plans) - len(todo), len(todo))
         if todo:
@@ -150,21 +168,21 @@ def _write(source: Source, scan: Scan, plans: list[ShardPlan], out: Path,
                     pass
                 bar.update(counter.value - bar.count)
             for commit in commits:
-                meta = commit.result()
-                metas[meta["index"]] = meta
-    return _fix_labels([meta for meta in metas if meta is not None], out)
+                summary = commit.result()
+                shards[summary.index] = summary
+    return _fix_labels([summary for summary in shards if summary is not None], out)
 
 
-def _fix_labels(metas: list[Meta], out: Path) -> list[Meta]:
+def _fix_labels(shards: list[ShardSummary], out: Path) -> list[ShardSummary]:
     """Keep labels contiguous when identities were dropped after planning (all rejected)."""
     fixed, base = [], 0
-    for meta in metas:
-        if meta["label_base"] != base:
+    for summary in shards:
+        if summary.label_base != base:
             log.info("relabelling %s from %d (earlier identities were dropped)",
-                     meta["name"], base)
-            meta = relabel_shard(meta, out, base)
-        fixed.append(meta)
-        base += len(meta["samples"])
+                     summary.name, base)
+            summary = relabel_shard(out, summary.name, base)
+        fixed.append(summary)
+        base += len(summary.identities)
     return fixed
 
 
@@ -176,16 +194,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = {"source": source.describe(), "options": options,
            "fingerprint": manifest.fingerprint(source.describe(), options)}
     out = args.out
-    manifest.open_out_dir(out, run, args.overwrite)
+    lock = manifest.open_out_dir(out, run, args.overwrite)
     started = time.monotonic()
     try:
         scan = _scan(source, args.workers)
         plans = plan_shards(scan.identities, args.shard_size, run["fingerprint"])
         manifest.remove_stale_shards(out, {plan.name for plan in plans})
-        metas = _write(source, scan, plans, out, args)
-        result = manifest.write_outputs(out, run, scan, metas)
+        shards = _write(source, scan, plans, out, args)
+        result = manifest.write_outputs(out, run, scan, shards)
     finally:
         manifest.remove_temp_files(out)
+        os.close(lock)
     elapsed = time.monotonic() - started
     log.info("wrote %d identities, %d images in %d shards to %s in %.1fs (%.0f img/s); "
              "%d converted, %d rejected (rejected.tsv), %d identities dropped",

@@ -17,6 +17,8 @@ from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from data_engine.images import RejectedImageError, prepare
 from data_engine.plan import ShardPlan
 from data_engine.sources import Identity, Source
@@ -33,6 +35,36 @@ class WriteOptions:
     out: Path
     verify: str
     on_mismatch: str
+
+
+@dataclass(frozen=True)
+class ShardSummary:
+    """What the manifest and index need from a finished shard, as compact arrays (42M images
+    as Python lists of ints in the parent would take gigabytes)."""
+
+    index: int
+    name: str
+    label_base: int
+    bytes: int
+    sha256: str
+    num_converted: int
+    identities: list[str]
+    image_counts: np.ndarray  # int64 per identity
+    offsets: np.ndarray  # int64 per image: data offset inside the tar
+    sizes: np.ndarray  # int64 per image
+    rejected: list[tuple[str, str]]
+    dropped: list[tuple[str, str]]
+
+
+def summarize(meta: Meta) -> ShardSummary:
+    samples = meta["samples"]
+    return ShardSummary(
+        meta["index"], meta["name"], meta["label_base"], meta["bytes"], meta["sha256"],
+        meta["num_converted"], [sample[0] for sample in samples],
+        np.array([len(sample[2]) for sample in samples], dtype=np.int64),
+        np.array([o for sample in samples for o in sample[2]], dtype=np.int64),
+        np.array([z for sample in samples for z in sample[3]], dtype=np.int64),
+        [tuple(row) for row in meta["rejected"]], [tuple(row) for row in meta["dropped"]])
 
 
 _worker: dict[str, Any] = {}
@@ -74,7 +106,7 @@ def write_sample(writer: TarWriter, label: int, identity: str, image_names: list
     return offsets
 
 
-def commit_shard(out: Path, meta: Meta) -> Meta:
+def commit_shard(out: Path, meta: Meta) -> ShardSummary:
     """fsync a finished temp tar, rename it into place, then write its sidecar."""
     final = out / meta["name"]
     temp = temp_path(final)
@@ -85,7 +117,7 @@ def commit_shard(out: Path, meta: Meta) -> Meta:
         os.close(fd)
     os.replace(temp, final)
     write_json(meta_path(out, meta["name"]), meta)
-    return meta
+    return summarize(meta)
 
 
 def write_shard(job: tuple[ShardPlan, list[Identity]]) -> Meta:
@@ -132,10 +164,11 @@ def write_shard(job: tuple[ShardPlan, list[Identity]]) -> Meta:
         raise
 
 
-def relabel_shard(meta: Meta, out: Path, label_base: int) -> Meta:
+def relabel_shard(out: Path, name: str, label_base: int) -> ShardSummary:
     """Rewrite a finished shard with labels from `label_base` (after an earlier shard lost
     an identity whose images were all rejected); image bytes are copied, not re-checked."""
-    final = out / meta["name"]
+    meta = json.loads(meta_path(out, name).read_text(encoding="utf-8"))
+    final = out / name
     writer = TarWriter(temp_path(final))
     new = {**meta, "label_base": label_base, "samples": []}
     try:
@@ -161,8 +194,8 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def finished_meta(job: tuple[Path, ShardPlan]) -> Meta | None:
-    """The sidecar of a shard that is complete and intact for this plan, else None."""
+def finished_shard(job: tuple[Path, ShardPlan]) -> ShardSummary | None:
+    """The summary of a shard that is complete and intact for this plan, else None."""
     out, plan = job
     try:
         with open(meta_path(out, plan.name), encoding="utf-8") as handle:
@@ -171,6 +204,6 @@ def finished_meta(job: tuple[Path, ShardPlan]) -> Meta | None:
         if (meta.get("plan_hash") != plan.plan_hash
                 or shard.stat().st_size != meta.get("bytes")):
             return None
-        return meta if file_sha256(shard) == meta.get("sha256") else None
+        return summarize(meta) if file_sha256(shard) == meta.get("sha256") else None
     except (OSError, ValueError):
         return None

@@ -188,3 +188,18 @@ def test_read_only_out(tree, tmp_path, run_cli):
         line = _one_line_error(run_cli(MODULE, "--src", "folder", "--root", root,
                                        "--out", locked))
         assert str(locked) in line and "not writable" in line
+
+
+def test_second_run_on_same_out_is_refused(tree, tmp_path, run_cli):
+    import fcntl
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    holder = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # what a running data_engine.shard holds
+        line = _one_line_error(run_cli(MODULE, "--src", "folder", "--root", tree[0],
+                                       "--out", out))
+        assert "being written by another" in line
+    finally:
+        os.close(holder)
