@@ -132,9 +132,19 @@ class AttFCHead(nn.Module):
         if self.strategy == "single":
             class_images = class_images[:, :1]
         batch, k = class_images.shape[:2]
+        images = class_images.flatten(0, 1)
+        if images.dim() == 4 and self._channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
-            K = self.class_encoder(class_images.flatten(0, 1))
+            K = self.class_encoder(images)
         return K.float().view(batch, k, -1)
+
+    @property
+    def _channels_last(self) -> bool:
+        """Whether the class encoder's convs are channels-last (then feed it NHWC images)."""
+        conv = next((p for p in self.class_encoder.parameters() if p.dim() == 4), None)
+        return conv is not None and conv.is_contiguous(memory_format=torch.channels_last) \
+            and not conv.is_contiguous()
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor,
                 class_images: torch.Tensor | None = None) -> HeadOutput:

@@ -276,3 +276,15 @@ def test_attfc_needs_class_images() -> None:
     assert head.needs_class_images
     with pytest.raises(ValueError, match="class_images"):
         head(torch.randn(2, 2), torch.tensor([0, 1]), None)
+
+
+def test_channels_last_class_encoder_gets_nhwc_images() -> None:
+    encoder = nn.Sequential(nn.Conv2d(3, 2, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    encoder = encoder.to(memory_format=torch.channels_last)
+    head = build_head("attfc", num_classes=15, embedding_size=2, batch_size=2,
+                      margin=build_margin("arcface"), feature_encoder=encoder, sample_rate=0.4)
+    seen = []
+    head.class_encoder[0].register_forward_pre_hook(
+        lambda mod, inp: seen.append(inp[0].is_contiguous(memory_format=torch.channels_last)))
+    head(torch.randn(2, 2), torch.tensor([0, 1]), torch.randn(2, 2, 3, 4, 4))
+    assert seen == [True]
