@@ -167,6 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--head", choices=HEADS, help="(internal) run one head in this process")
     parser.add_argument("--worker", action="store_true", help="(internal)")
     args = parser.parse_args(argv)
+    if not 0 < args.sample_rate <= 1:
+        parser.error(f"--sample-rate {args.sample_rate}: must be in (0, 1]")
     if args.worker:
         print(json.dumps(_worker(args)))
         return 0
