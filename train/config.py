@@ -75,7 +75,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("precision", "auto", "autocast precision (auto: bf16 on CUDA, fp32 on CPU; fp16 "
            "adds a grad scaler)", ("auto", "bf16", "fp16", "fp32"), group="speed"),
     Option("compile", False, "torch.compile the feature encoder", group="speed"),
-    Option("prefetch", 2, "batches prepared ahead by a background thread", group="speed"),
+    Option("prefetch", 2, "batches prepared ahead by a background thread (0: load in the "
+           "training thread, for debugging)", group="speed"),
     Option("log_every", 50, "steps between log lines / metrics.jsonl records (the only "
            "host-device syncs)", group="bookkeeping"),
     Option("ckpt_every", 2000, "steps between checkpoints (also one at each epoch end)",
@@ -193,10 +194,10 @@ def _check(config: dict[str, Any]) -> None:
     if config["val"] and not Path(config["val"]).is_dir():
         raise UserError(f"--val {config['val']}: not a directory")
     for key in ("epochs", "batch_size", "k", "embedding_size", "log_every", "ckpt_every",
-                "keep", "prefetch", "max_nonfinite"):
+                "keep", "max_nonfinite"):
         if config[key] <= 0:
             raise UserError(f"{_flag(key)} {config[key]}: must be > 0")
-    for key in ("max_steps", "workers", "val_every", "warmup_epochs", "min_lr"):
+    for key in ("max_steps", "workers", "val_every", "warmup_epochs", "min_lr", "prefetch"):
         if config[key] < 0:
             raise UserError(f"{_flag(key)} {config[key]}: must be >= 0")
     if not 0.0 < config["sample_rate"] <= 1.0:

@@ -8,6 +8,7 @@ run resumed from a checkpoint takes exactly the steps the uninterrupted run woul
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -168,7 +169,8 @@ class Trainer:
             while self.pos.step < self.last_step and not stop.requested:
                 loader = self._loader(epoch=self.pos.epoch, start_step=self.pos.step_in_epoch)
                 exhausted = False
-                with Prefetcher(loader, c["prefetch"]) as batches:
+                with (Prefetcher(loader, c["prefetch"]) if c["prefetch"]
+                      else contextlib.nullcontext(loader)) as batches:
                     for batch in batches:
                         lr = lr_at(self.pos.step, total_steps=self.total_steps,
                                    base_lr=c["lr"], warmup_steps=warmup_steps,
