@@ -95,7 +95,9 @@ class AttFCHead(nn.Module):
     *before* the logits, so each sample's own w⁺ is its positive (Alg. 1, Eq. 10); loss over
     all S entries with same-label conflicts masked. ``after_optimizer_step`` applies Eq. 12 to
     parameters and copies the feature encoder's buffers (BN running stats) into the class
-    encoder, so C in eval mode is consistent with its averaged weights.
+    encoder, so C in eval mode is consistent with its averaged weights. C runs in the head's
+    mode: in training its BN layers use the statistics of the B·k class images, as MoCo's key
+    encoder does (its own running-stat updates are then overwritten by the copy).
     """
 
     needs_class_images = True
