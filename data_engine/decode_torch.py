@@ -10,7 +10,7 @@ Why this shape: on a CPU loader the per-image overhead decides the rate, so
   the batch is copied out instead, so holding batches never stalls or corrupts the epoch.
   On CUDA the slots are pinned and copied to the GPU asynchronously;
 - flips happen while decoding: a flipped image is decoded as BGR and each row's bytes are
-  reversed, which mirrors the pixels and turns BGR back into RGB in one contiguous pass.
+  reversed, which mirrors the pixels and turns BGR back into RGB in one pass.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def decode_into(out: np.ndarray, scratch: np.ndarray, data: bytes, flip: bool,
         try:
             if flip:
                 simplejpeg.decode_jpeg(data, "BGR", buffer=scratch, strict=False)
-                out.reshape(scratch.shape)[:] = scratch[:, ::-1]
+                _reverse_rows(scratch, out.reshape(scratch.shape))
             else:
                 simplejpeg.decode_jpeg(data, "RGB", buffer=out, strict=False)
             return attempt
@@ -63,6 +63,18 @@ def decode_into(out: np.ndarray, scratch: np.ndarray, data: bytes, flip: bool,
                                 f"{error}") from error
             data = source.replace(image_id, f"JPEG does not decode: {error}")
     raise AssertionError("unreachable")
+
+
+def _reverse_rows(src: np.ndarray, dst: np.ndarray) -> None:
+    """dst = src with each row's bytes reversed (BGR rows -> mirrored RGB rows)."""
+    if src.shape[1] % 8:
+        dst[:] = src[:, ::-1]
+        return
+    # Reversing a row's bytes = reversing its 8-byte words, then each word's bytes: 8x fewer
+    # strided elements than a byte-wise reverse, about twice as fast.
+    words = dst.view(np.uint64)
+    words[:] = src.view(np.uint64)[:, ::-1]
+    words.byteswap(inplace=True)
 
 
 def _worker(source: ImageSource, slots: list[torch.Tensor], tasks: mp.Queue,
@@ -115,7 +127,9 @@ class _Slot:
 def _shared_uint8(shape: tuple[int, ...]) -> torch.Tensor:
     """A uint8 tensor in shared memory, visible to workers forked or spawned after it."""
     storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
-    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+    # Touch every page now, once: first writes to shared memory fault page by page (~40 µs
+    # per image), which would otherwise land on the workers during the first ring turn.
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape).zero_()
 
 
 class TorchBatches:
