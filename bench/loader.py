@@ -15,6 +15,7 @@ examples:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -25,6 +26,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -102,25 +104,55 @@ def extract_folder(shards: Path, folder: Path) -> list[str]:
 
 # --- contenders -----------------------------------------------------------------------------
 
-def time_ours(args, plan_steps: int) -> tuple[float, float, str]:
-    """(steady images/s, seconds to the first batch, backend used) of build_loader."""
+class Rate(NamedTuple):
+    """Wall-clock rate and CPU cost of one contender's timed window."""
+
+    images_per_s: float
+    cpu_us_per_image: float  # all processes and threads involved: robust to a busy machine
+
+
+class _Window:
+    """Wall and CPU time (this process + live children) between start() and stop()."""
+
+    def start(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), _cpu_seconds()
+
+    def stop(self, images: int) -> Rate:
+        wall, cpu = time.perf_counter() - self.wall, _cpu_seconds() - self.cpu
+        return Rate(images / wall, cpu / images * 1e6)
+
+
+def _cpu_seconds() -> float:
+    import psutil
+
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for child in me.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):  # exited meanwhile
+            total += sum(child.cpu_times()[:2])
+    return total
+
+
+def time_ours(args) -> tuple[Rate, float, str]:
+    """(steady rate, seconds to the first batch, backend used) of build_loader."""
     from data_engine.loader import build_loader
 
     start = time.perf_counter()
     loader = build_loader(args.shards, args.batch_size, args.k, seed=0, backend=args.backend,
                           device=args.device, workers=args.workers)
-    first = None
+    window = _Window()
     images = 0
     for step, batch in enumerate(loader):
         if step == 0:
             _sync(batch.identity)
-            first = time.perf_counter()
+            first = time.perf_counter() - start
+            window.start()
             continue
         images += batch.identity.shape[0] + batch.classes.shape[0] * batch.classes.shape[1]
-        if step == plan_steps:
-            break
-    _sync(batch.identity)
-    return images / (time.perf_counter() - first), first - start, loader.backend
+        if step == args.steps:
+            _sync(batch.identity)
+            return window.stop(images), first, loader.backend
+    raise UserError(f"--steps {args.steps}: the epoch is shorter")
 
 
 def _sync(tensor) -> None:
@@ -160,8 +192,8 @@ class _OfficialStyle:
         return image, classes, label
 
 
-def time_baseline(args, paths: list[str], plan) -> float:
-    """Steady images/s of the official-style DataLoader on the same samples."""
+def time_baseline(args, paths: list[str], plan) -> Rate:
+    """Steady rate of the official-style DataLoader on the same samples."""
     from torch.utils.data import DataLoader
 
     samples = []
@@ -172,13 +204,16 @@ def time_baseline(args, paths: list[str], plan) -> float:
             break
     loader = DataLoader(_OfficialStyle(paths, samples), batch_size=args.batch_size,
                         num_workers=args.workers, drop_last=True)
+    window = _Window()
     images = 0
     for step, (image, classes, _) in enumerate(loader):
         if step == 0:
-            first = time.perf_counter()
+            window.start()
             continue
         images += image.shape[0] + classes.shape[0] * classes.shape[1]
-    return images / (time.perf_counter() - first)
+        if step == args.steps:  # stop while the workers still exist to be measured
+            return window.stop(images)
+    raise AssertionError("unreachable: the sample list holds --steps + 1 batches")
 
 
 _DECODE_BYTES: list[bytes] = []
@@ -199,18 +234,18 @@ def _decode_share(_: int) -> int:
     return len(_DECODE_BYTES)
 
 
-def time_decode(args, image_ids: np.ndarray) -> float:
-    """images/s of bare simplejpeg decode of these images' bytes, one process per core."""
+def time_decode(args, image_ids: np.ndarray) -> Rate:
+    """Rate of bare simplejpeg decode of these images' bytes, one process per core."""
     workers = args.workers
     shares = [image_ids[w::workers] for w in range(workers)]
     pools = [mp.Pool(1, _load_share, (str(args.shards), share)) for share in shares]
     try:
         for pool in pools:  # wait until every process holds its bytes
             pool.apply(len, ([],))
-        start = time.perf_counter()
+        window = _Window()
+        window.start()
         pending = [pool.apply_async(_decode_share, (0,)) for pool in pools]
-        images = sum(p.get() for p in pending)
-        return images / (time.perf_counter() - start)
+        return window.stop(sum(p.get() for p in pending))
     finally:
         for pool in pools:
             pool.terminate()
@@ -247,27 +282,35 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
         paths = extract_folder(args.shards, args.folder or Path(tmp) / "images")
-        decode = ours = baseline = 0.0
-        for _ in range(args.repeats):
+        decode = ours = baseline = Rate(0.0, 0.0)
+        for _ in range(args.repeats):  # keep the best round of each: least disturbed
             decode = max(decode, time_decode(args, ids))
-            rate, startup, backend = time_ours(args, args.steps)
+            rate, startup, backend = time_ours(args)
             ours = max(ours, rate)
             baseline = max(baseline, time_baseline(args, paths, plan))
     per_sample = args.k + 1
-    print(f"ours ({backend}):  {ours:9.0f} images/s  {ours / per_sample:8.0f} "
-          f"identity samples/s  (first batch after {startup:.1f} s)")
-    print(f"baseline (PIL/file):  {baseline:9.0f} images/s  {baseline / per_sample:8.0f} "
-          "identity samples/s")
-    print(f"raw decode (all cores): {decode:7.0f} images/s")
-    print(f"ours / baseline = {ours / baseline:.2f}x (target >= 3)   "
-          f"ours / decode = {ours / decode:.2f}x (target >= 0.7)")
+    for name, rate in ((f"ours ({backend})", ours), ("baseline (PIL per file)", baseline),
+                       ("raw decode (all cores)", decode)):
+        print(f"{name:24s} {rate.images_per_s:8.0f} images/s {rate.images_per_s / per_sample:8.0f}"
+              f" identity samples/s  {rate.cpu_us_per_image:6.1f} CPU-us/image")
+    print(f"first batch after {startup:.1f} s")
+    vs_baseline = ours.images_per_s / baseline.images_per_s
+    vs_decode = ours.images_per_s / decode.images_per_s
+    cpu_vs_decode = decode.cpu_us_per_image / ours.cpu_us_per_image
+    print(f"ours / baseline = {vs_baseline:.2f}x (target >= 3)   ours / decode = "
+          f"{vs_decode:.2f}x (target >= 0.7)   by CPU cost: ours / decode = {cpu_vs_decode:.2f}x")
     print(json.dumps({
-        "ours_images_per_s": round(ours), "ours_identity_samples_per_s": round(ours / per_sample),
-        "baseline_images_per_s": round(baseline), "decode_images_per_s": round(decode),
-        "ratio_vs_baseline": round(ours / baseline, 3), "ratio_vs_decode": round(ours / decode, 3),
-        "backend": backend, "device": args.device, "k": args.k,
-        "batch_size": args.batch_size, "steps": args.steps, "workers": args.workers,
-        "repeats": args.repeats,
+        "ours_images_per_s": round(ours.images_per_s),
+        "ours_identity_samples_per_s": round(ours.images_per_s / per_sample),
+        "baseline_images_per_s": round(baseline.images_per_s),
+        "decode_images_per_s": round(decode.images_per_s),
+        "ratio_vs_baseline": round(vs_baseline, 3), "ratio_vs_decode": round(vs_decode, 3),
+        "ours_cpu_us_per_image": round(ours.cpu_us_per_image, 1),
+        "baseline_cpu_us_per_image": round(baseline.cpu_us_per_image, 1),
+        "decode_cpu_us_per_image": round(decode.cpu_us_per_image, 1),
+        "cpu_ratio_vs_decode": round(cpu_vs_decode, 3),
+        "backend": backend, "device": args.device, "k": args.k, "batch_size": args.batch_size,
+        "steps": args.steps, "workers": args.workers, "repeats": args.repeats,
         "machine": machine(),
     }))
     return 0
