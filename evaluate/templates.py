@@ -69,7 +69,7 @@ def pool_templates(features: np.ndarray, templates: np.ndarray, medias: np.ndarr
     for start in range(0, len(features), CHUNK_ROWS):
         stop = min(start + CHUNK_ROWS, len(features))
         block = scratch[:stop - start]
-        block.copy_(torch.from_numpy(np.asarray(features[start:stop])))
+        block.numpy()[:] = features[start:stop]  # float32 -> float64, also from a memmap
         block.mul_(weights_t[start:stop, None])
         pooled.index_add_(0, rows_t[start:stop], block)
     pooled /= pooled.square().sum(dim=1, keepdim=True).sqrt()

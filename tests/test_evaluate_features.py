@@ -11,6 +11,7 @@ from torch import nn
 
 from common.cli import UserError
 from evaluate.features import cached_features, extract_features, load_backbone
+from model.backbones import get_model
 
 
 class Tiny(nn.Module):
@@ -25,7 +26,6 @@ class Tiny(nn.Module):
 
 
 def test_flip_adds_mirror_feature_and_batches_agree():
-    pytest.importorskip("model.backbones")
     torch.manual_seed(0)
     net = Tiny()
     images = np.random.default_rng(0).integers(0, 256, (5, 3, 112, 112), dtype=np.uint8)
@@ -53,7 +53,6 @@ def test_cache_reused_only_for_same_key(tmp_path):
 
 
 def test_load_backbone_reads_model_json_and_rejects_wrong_network(tmp_path):
-    get_model = pytest.importorskip("model.backbones").get_model
 
     net = get_model("r18", embedding_size=64)
     torch.save(net.state_dict(), tmp_path / "model.pt")
