@@ -104,3 +104,6 @@ def test_normalize_images() -> None:
     torch.testing.assert_close(y.flatten(), torch.tensor([-1.0, 1.0, 128 / 127.5 - 1]))
     cl = torch.zeros(2, 3, 4, 4, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
     assert normalize_images(cl).is_contiguous(memory_format=torch.channels_last)
+    already_float = torch.full((1, 3, 1, 1), 255.0)
+    normalize_images(already_float)
+    assert already_float.eq(255.0).all()  # the input is never modified

@@ -38,4 +38,5 @@ def normalize_images(images: torch.Tensor, dtype: torch.dtype = torch.float32) -
 
     Done on the device by the model side so the loader ships 4x fewer bytes (uint8).
     """
-    return images.to(dtype=dtype, memory_format=torch.preserve_format).div_(127.5).sub_(1.0)
+    scaled = images.to(dtype=dtype, copy=True, memory_format=torch.preserve_format)
+    return scaled.div_(127.5).sub_(1.0)  # in place on our own copy, never on the caller's
