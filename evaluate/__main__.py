@@ -146,7 +146,10 @@ def run_ijb(args: argparse.Namespace) -> int:
                                                                      "distractor matrix")
     result = ijb.score(images, np.asarray(features), faceness, protocol,
                        distractors=distractors, open_set=args.open_set)
-    print(format_ijb_table(prefix.upper().replace("IJB", "IJB-"), result.metrics))
+    gallery = "+".join(ijb_meta.GALLERIES[prefix])
+    if distractors is not None:
+        gallery += f" + {len(distractors)} distractors"
+    print(format_ijb_table(prefix.upper().replace("IJB", "IJB-"), result.metrics, gallery))
     if args.out:
         _write_json(args.out, result.metrics)
     if args.plot:
@@ -159,13 +162,13 @@ def run_ijb(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_ijb_table(title: str, metrics: dict) -> str:
+def format_ijb_table(title: str, metrics: dict, gallery: str) -> str:
     """Percent table in the layout of the published IJB tables."""
     fars = list(metrics["tar_at_far"])
     lines = [f"{title} 1:1 verification, TAR (%) @ FAR",
              "  " + "".join(f"{far:>10}" for far in fars),
              "  " + "".join(f"{100 * v:>10.2f}" for v in metrics["tar_at_far"].values()),
-             f"{title} 1:N identification (closed set, gallery G1+G2), %",
+             f"{title} 1:N identification (closed set, gallery {gallery}), %",
              f"  {'top1':>10}{'top5':>10}{'top10':>10}"
              + "".join(f"{'TPIR@' + k:>14}" for k in metrics["tpir_at_fpir"]),
              f"  {100 * metrics['top1']:>10.2f}{100 * metrics['top5']:>10.2f}"
