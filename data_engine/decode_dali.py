@@ -74,7 +74,8 @@ class DaliBatches:
                      else torch.cuda.current_device()) if gpu else None
 
         @pipeline_def(batch_size=(self.plan.k + 1) * self.plan.batch_size,
-                      num_threads=self.workers, device_id=device_id, prefetch_queue_depth=2,
+                      num_threads=max(1, self.workers), device_id=device_id,
+                      prefetch_queue_depth=2,
                       exec_dynamic=True)
         def decode_steps():
             jpegs, flips = fn.external_source(source=feeder, num_outputs=2, batch=True,

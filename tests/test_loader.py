@@ -161,6 +161,16 @@ def test_dali_cpu_and_torch_agree(shards: Path) -> None:
     assert torch.equal(tail["identity"], dali["identity"][5 * 16:])
 
 
+def test_backend_choice() -> None:
+    from common.cli import UserError
+    from data_engine.loader import resolve_backend
+
+    assert resolve_backend("auto", "cpu") == "torch"  # DALI's CPU decode costs more per image
+    assert resolve_backend("torch", "cuda") == "torch"
+    with pytest.raises(UserError, match="backend"):
+        resolve_backend("opencv", "cpu")
+
+
 def _damage(shards: Path, tmp_path: Path, how: str) -> tuple[Path, int]:
     """A copy of ``shards`` with one image overwritten or cut off; returns (dir, image id)."""
     copy = tmp_path / "damaged"
