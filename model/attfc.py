@@ -128,7 +128,7 @@ class AttFCHead(nn.Module):
 
         The "single" strategy encodes only the first class image (k = 1).
         """
-        if class_images.dim() != 5 or class_images.shape[1] != self.k:
+        if class_images.dim() < 3 or class_images.shape[1] != self.k:
             raise ValueError(f"class_images must be [B, {self.k}, 3, H, W], "
                              f"got {tuple(class_images.shape)}")
         if self.strategy == "single":
