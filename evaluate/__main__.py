@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -65,6 +66,8 @@ def build_parser() -> ArgumentParser:
         sub.add_argument("--open-set", action="store_true",
                          help="also report stricter open-set 1:N (G1, G2 searched separately)")
         sub.add_argument("--plot", type=Path, help="write the ROC curve (TAR vs FAR) here")
+        sub.add_argument("--workers", type=positive_int, default=min(8, os.cpu_count() or 1),
+                         help="threads decoding and aligning loose crops")
         _add_model_flags(sub)
     for name in VERIFICATION_SETS:
         sub = commands.add_parser(name, help=f"{name} 10-fold verification accuracy")
@@ -127,7 +130,7 @@ def run_ijb(args: argparse.Namespace) -> int:
                "images": len(images.names), "flip": args.flip}
         features = cached_features(cache, key, lambda: ijb.model_features(
             root, prefix, images.names, landmarks.points, backbone, device=device,
-            batch_size=args.batch_size, flip=args.flip))
+            batch_size=args.batch_size, flip=args.flip, workers=args.workers))
     else:
         features = _load_matrix(args.features, "feature matrix")
         if features.ndim != 2 or len(features) != len(images.names):

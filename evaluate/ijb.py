@@ -39,8 +39,12 @@ def _load_aligned(root: Path, name: str, landmarks: np.ndarray, where: str) -> n
 
 def model_features(root: Path, prefix: str, names: list[str], landmarks: np.ndarray,
                    backbone: nn.Module, *, device: str, batch_size: int, flip: bool,
-                   workers: int = 4) -> np.ndarray:
-    """float32 [M,D] flip-test features of every aligned loose crop, in image-list order."""
+                   workers: int) -> np.ndarray:
+    """float32 [M,D] flip-test features of every aligned loose crop, in image-list order.
+
+    Decoding and warping run in ``workers`` threads (PIL releases the GIL for both) while
+    the network embeds the previous chunk's faces.
+    """
     import torch
 
     five_points = ijb_meta.meta_path(root, prefix, "name_5pts_score.txt").name
@@ -48,11 +52,16 @@ def model_features(root: Path, prefix: str, names: list[str], landmarks: np.ndar
     backbone.eval()
     with ThreadPoolExecutor(workers) as pool, Progress(len(names), f"{prefix} features",
                                                       "img") as progress, torch.inference_mode():
+
+        def submit(start: int) -> list:
+            return [pool.submit(_load_aligned, root, names[i], landmarks[i],
+                                f"{five_points}:{i + 1}")
+                    for i in range(start, min(start + CHUNK_IMAGES, len(names)))]
+
+        pending = submit(0)
         for start in range(0, len(names), CHUNK_IMAGES):
-            stop = min(start + CHUNK_IMAGES, len(names))
-            faces = np.stack(list(pool.map(
-                lambda i: _load_aligned(root, names[i], landmarks[i], f"{five_points}:{i + 1}"),
-                range(start, stop))))
+            faces = np.stack([future.result() for future in pending])
+            pending = submit(start + CHUNK_IMAGES)  # decode the next chunk meanwhile
             for b in range(0, len(faces), batch_size):
                 batch = torch.from_numpy(faces[b:b + batch_size]).to(device)
                 out = embed_batch(backbone, batch, flip=flip).cpu().numpy()
