@@ -33,7 +33,8 @@ VERIFICATION_SETS = ("lfw", "cfp_fp", "agedb_30")
 
 
 def _add_model_flags(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("--network", help="backbone name (default: RUN/model.json, else r50)")
+    sub.add_argument("--network",
+                     help="backbone name; when omitted, RUN/model.json next to --model, else r50")
     sub.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     sub.add_argument("--batch-size", type=positive_int, default=256)
     sub.add_argument("--no-flip", dest="flip", action="store_false",
@@ -46,7 +47,8 @@ def build_parser() -> ArgumentParser:
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = add_subparsers(parser)
     for name in ("ijbc", "ijbb"):
-        sub = commands.add_parser(name, help=f"{name.upper()} 1:1 and 1:N (insightface layout)")
+        title = name.upper().replace("IJB", "IJB-")
+        sub = commands.add_parser(name, help=f"{title} 1:1 and 1:N (insightface layout)")
         sub.add_argument("--root", required=True, type=existing_dir,
                          help="directory with meta/ and loose_crop/")
         source = sub.add_mutually_exclusive_group(required=True)
@@ -54,12 +56,13 @@ def build_parser() -> ArgumentParser:
         source.add_argument("--features", type=existing_file,
                             help="precomputed per-image features .npy [images, D]")
         sub.add_argument("--faceness", type=existing_file,
-                         help="per-image detector scores .npy (default: last column of "
-                              f"meta/{name}_name_5pts_score.txt)")
+                         help="per-image detector scores .npy; when omitted, the last column "
+                              f"of meta/{name}_name_5pts_score.txt")
         sub.add_argument("--no-detector-score", dest="detector_score", action="store_false",
                          help="do not weight image features by detector score")
         sub.add_argument("--cache", type=Path,
-                         help="per-image feature cache .npy (default: next to --model)")
+                         help="per-image feature cache .npy; when omitted, "
+                              f"{name}_features.npy next to --model")
         sub.add_argument("--no-cache", action="store_true", help="always run the network")
         sub.add_argument("--distractors", type=existing_file,
                          help="extra 1:N gallery features .npy [N, D] (memory-mapped)")
