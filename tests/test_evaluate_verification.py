@@ -107,3 +107,21 @@ def test_separable_pairs_score_perfectly():
     issame = np.array([True] * 10 + [False] * 10)
     result = evaluate_embeddings(embeddings, issame)
     assert result["accuracy_mean"] == 1.0 and result["accuracy_std"] == 0.0
+
+
+def test_lfw_style_pairs_folder(tmp_path):
+    from evaluate.verification import load_pairs_dir
+
+    for name, count in (("Ann_A", 2), ("Bob_B", 1)):
+        (tmp_path / name).mkdir()
+        for i in range(1, count + 1):
+            (tmp_path / name / f"{name}_{i:04d}.jpg").write_bytes(_jpeg(i + len(name)))
+    (tmp_path / "pairs.txt").write_text("1\t2\nAnn_A\t1\t2\nAnn_A\t1\tBob_B\t1\n")
+    images, issame = load_pairs_dir(tmp_path)
+    assert images.shape == (4, 3, 112, 112) and issame.tolist() == [True, False]
+    (tmp_path / "pairs.txt").write_text("Ann_A\t1\t2\nAnn_A\t1\tBob_B\t9\n")
+    with pytest.raises(UserError, match=r"Bob_B_0009\.jpg: missing"):
+        load_pairs_dir(tmp_path)
+    (tmp_path / "pairs.txt").write_text("Ann_A\t1\t2\nAnn_A\tone\n")
+    with pytest.raises(UserError, match=r"pairs\.txt:2: expected"):
+        load_pairs_dir(tmp_path)
