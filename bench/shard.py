@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -75,24 +76,32 @@ def warm(root: Path) -> None:
                 handle.read()
 
 
-def timed(command: list[str], **kwargs) -> tuple[float, float]:
-    """(seconds until the command exits, seconds until its output is on disk)."""
+Timing = tuple[float, float, float]  # exited s, durable s, CPU s (user + sys, all processes)
+
+
+def timed(command: list[str], **kwargs) -> Timing:
+    """Wall seconds until the command exits and until its output is on disk, and the CPU
+    seconds it used (comparable on a shared machine, where wall time is not)."""
     os.sync()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     subprocess.run(command, check=True, **kwargs)
     exited = time.perf_counter() - started
     os.sync()
-    return exited, time.perf_counter() - started
+    durable = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return exited, durable, cpu
 
 
-def time_tar(root: Path, work: Path) -> tuple[float, float]:
+def time_tar(root: Path, work: Path) -> Timing:
     target = work / "tree.tar"
     result = timed(["tar", "-cf", str(target), "-C", str(root.parent), root.name])
     target.unlink()
     return result
 
 
-def time_ours(root: Path, work: Path, workers: int, shard_size: str) -> tuple[float, float]:
+def time_ours(root: Path, work: Path, workers: int, shard_size: str) -> Timing:
     out = work / "shards"
     command = [sys.executable, "-m", "data_engine.shard", "--src", "folder", "--root",
                str(root), "--out", str(out), "--verify", "header", "--workers", str(workers),
@@ -127,9 +136,11 @@ def main() -> None:
             ours.append(time_ours(root, work, args.workers, args.shard_size))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    ours_s = statistics.median(durable for _, durable in ours)
-    tar_s = statistics.median(durable for _, durable in tar)
-    tar_nosync_s = statistics.median(exited for exited, _ in tar)
+    ours_s = statistics.median(durable for _, durable, _ in ours)
+    tar_s = statistics.median(durable for _, durable, _ in tar)
+    tar_nosync_s = statistics.median(exited for exited, _, _ in tar)
+    ours_cpu = statistics.median(cpu for _, _, cpu in ours)
+    tar_cpu = statistics.median(cpu for _, _, cpu in tar)
     megabytes = total_bytes / 1e6
     result = {
         "files": args.files, "megabytes": round(megabytes, 1),
@@ -141,6 +152,9 @@ def main() -> None:
         "ours_mb_per_s": round(megabytes / ours_s, 1), "tar_mb_per_s": round(megabytes / tar_s, 1),
         "ratio_vs_tar": round(tar_s / ours_s, 3),
         "ratio_vs_tar_nosync": round(tar_nosync_s / ours_s, 3),
+        "ours_cpu_us_per_file": round(ours_cpu / args.files * 1e6, 1),
+        "tar_cpu_us_per_file": round(tar_cpu / args.files * 1e6, 1),
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "workers": args.workers, "verify": "header", "page_cache": "warm",
         "repeats": args.repeats, "cpu": _cpu_model(), "cores": os.cpu_count(),
     }
@@ -151,6 +165,9 @@ def main() -> None:
     print(f"data_engine.shard: {ours_s:.3f} s  {result['ours_files_per_s']} files/s "
           f"{result['ours_mb_per_s']} MB/s  (CLI incl. interpreter start, "
           f"{args.workers} workers, --verify header, fsync per shard)")
+    print(f"CPU per file (user+sys): ours {result['ours_cpu_us_per_file']} us over "
+          f"{args.workers} workers, tar {result['tar_cpu_us_per_file']} us on one core; "
+          f"load average {result['load_average_1min']}")
     print(f"ratio (tar time / our time): {result['ratio_vs_tar']:.2f}x "
           f"(vs tar -cf without sync: {result['ratio_vs_tar_nosync']:.2f}x)")
     print(json.dumps(result))
