@@ -223,8 +223,9 @@ class TorchBatches:
             slot.ready_event = torch.cuda.Event()
             slot.ready_event.record()
             return batch
-        spare = sum(1 for i, s in enumerate(slots) if i != index and i not in busy and s.free())
-        if spare == 0:  # the caller keeps batches: copy, so the ring keeps turning
+        held = sum(1 for i, s in enumerate(slots)
+                   if i != index and i not in busy and not s.free())
+        if held >= 2:  # more than a loop's previous batch is kept: copy, the ring keeps turning
             pixels = pixels.clone()
         return batch_from_pixels(step, pixels, self.device)
 

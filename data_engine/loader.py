@@ -74,14 +74,16 @@ class ImageSource:
     truncated or overwritten shard data is caught the same way by every backend. A bad image
     raises :class:`DataError`, or with ``skip_bad`` is replaced by the next good image of the
     same identity (so the label stays right), or by a grey image if none is left.
-    Picklable: each process opens its own reader on first use.
+    Forked workers share the parent's reader (its index arrays are large on big datasets and
+    stay shared copy-on-write); a pickled copy (spawn) reopens the shards dir on first use.
     """
 
-    def __init__(self, shards_dir: Path, image_size: int, skip_bad: bool) -> None:
+    def __init__(self, shards_dir: Path, image_size: int, skip_bad: bool,
+                 reader: ShardReader | None = None) -> None:
         self.shards_dir = Path(shards_dir)
         self.image_size = image_size
         self.skip_bad = skip_bad
-        self._reader: ShardReader | None = None
+        self._reader = reader
         self._fds: dict[int, int] = {}
         self._pid = os.getpid()
         self._warned = 0
@@ -277,7 +279,7 @@ def build_loader(shards_dir: str | Path, batch_size: int, k: int, *, seed: int, 
     if height != width:
         raise UserError(f"{shards_dir}: images are {width}x{height}; the loader needs square "
                         "face crops (112x112)")
-    source = ImageSource(Path(shards_dir), int(height), skip_bad)
+    source = ImageSource(Path(shards_dir), int(height), skip_bad, reader)
     device = resolve_device(device)
     return Loader(plan, source, start_step=start_step, backend=resolve_backend(backend, device),
                   device=device, workers=(os.cpu_count() or 1) if workers is None else workers,

@@ -40,9 +40,13 @@ class StepPlan:
 
 
 def labels_from_starts(identity_start: np.ndarray) -> np.ndarray:
-    """Label of every image id, from the index's ``identity_start`` [N+1]."""
+    """Label of every image id, from the index's ``identity_start`` [N+1].
+
+    int32 while labels fit: on a 42M-image dataset that halves this array to 168 MB.
+    """
     counts = np.diff(identity_start)
-    return np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    dtype = np.int32 if len(counts) < 2**31 else np.int64
+    return np.repeat(np.arange(len(counts), dtype=dtype), counts)
 
 
 class EpochPlan:
@@ -75,7 +79,7 @@ class EpochPlan:
             raise IndexError(f"step {step} outside 0..{self.num_steps - 1}")
         ids = self.order[step * self.batch_size:(step + 1) * self.batch_size].astype(np.int64)
         rng = np.random.Generator(np.random.PCG64([self.seed, self.epoch, _STEP_STREAM, step]))
-        labels = self.labels[ids]
+        labels = self.labels[ids].astype(np.int64)
         start = self.identity_start[labels]
         others = self.identity_start[labels + 1] - start - 1
         picks = _pick_others(rng, others, self.k)  # index among the identity's other images

@@ -231,6 +231,19 @@ def test_dali_decoder_failure_is_located(shards: Path, tmp_path: Path,
     assert len(_collect(loader)["labels"]) == sum(COUNTS[:6]) and loader.skipped >= 1
 
 
+def test_dead_worker_is_an_error_not_a_hang(shards: Path) -> None:
+    before = {child.pid for child in psutil.Process().children()}
+    batches = iter(build_loader(shards, 4, K, seed=0, backend="torch", device="cpu",
+                                workers=2))
+    next(batches)
+    for child in psutil.Process().children():
+        if child.pid not in before:
+            child.kill()
+    with pytest.raises(RuntimeError, match="decode worker exited"):
+        for _ in batches:
+            pass
+
+
 def test_memory_stays_bounded(shards: Path) -> None:
     process = psutil.Process()
 
