@@ -106,8 +106,18 @@ def open_out_dir(out: Path, run: dict[str, Any], overwrite: bool) -> int:
     return lock
 
 
+def _holds_data(out: Path) -> bool:
+    """Anything beyond the run record of an attempt that failed before writing a shard."""
+    for entry in out.iterdir():
+        if entry.name != PARTS_DIR or not entry.is_dir():
+            return True
+        if any(part.name != RUN for part in entry.iterdir()):
+            return True
+    return False
+
+
 def _accept(out: Path, run: dict[str, Any], overwrite: bool) -> None:
-    if any(out.iterdir()):
+    if _holds_data(out):
         recorded = _recorded(out)
         if recorded is None or recorded.get("fingerprint") != run["fingerprint"]:
             if not overwrite:

@@ -82,6 +82,10 @@ class RecordFile:
             offset = int(offsets[(word >> 29).astype(bool).argmax()])
             raise UserError(f"{self.path}: multi-part record at offset {offset} is not "
                             "supported")
+        short = lengths < IR_HEADER.size
+        if short.any():
+            raise UserError(f"{self.path}: record at offset {int(offsets[short.argmax()])} is "
+                            "shorter than its IRHeader")
         ends = offsets + 8 + lengths
         if (ends > self.size).any():
             i = int((ends > self.size).argmax())
@@ -89,6 +93,15 @@ class RecordFile:
                             f"(needs {int(lengths[i])} bytes, the file ends "
                             f"{self.size - int(offsets[i]) - 8} bytes after its header)")
         return lengths
+
+    def class_labels(self, offsets: np.ndarray) -> np.ndarray:
+        """The class label of every (checked) record at once: the IRHeader label, or the
+        first of the float labels that follow it when flag > 0."""
+        words = np.frombuffer(self._map, dtype="<u4", count=self.size // 4)
+        header = offsets // 4 + 2  # the IRHeader follows the magic and length words
+        first_extra = np.minimum(header + IR_HEADER.size // 4, len(words) - 1)
+        floats = words.view("<f4")
+        return np.where(words[header] > 0, floats[first_extra], floats[header + 1])
 
     def read(self, offset: int) -> Record:
         """The record at `offset` (already checked by `check`)."""

@@ -3,7 +3,13 @@
 One sample per identity (key = label as 8 digits; 0000.jpg, 0001.jpg, ..., cls, json), labels
 0..N-1 in sorted identity-name order. Valid 112x112 JPEGs are stored byte for byte; other
 images are converted or rejected (--on-mismatch); every file not stored is listed in
-rejected.tsv. Reruns resume: finished shards are verified and kept.
+rejected.tsv with the reason, and identities left without images are dropped (listed in
+manifest.json). Output: shard-NNNNNN.tar, manifest.json, index.npz, identities.txt,
+rejected.tsv (and parts/, the per-shard records used to resume).
+
+Rerunning the same command after a crash or Ctrl-C resumes: finished shards are checked
+against their sha256 and kept, the rest are written; the result is byte-identical to an
+uninterrupted run, whatever --workers is.
 
 examples:
   python -m data_engine.shard --src webface21m --root /data/WebFace42M --out /data/wf21m
@@ -89,9 +95,12 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the shards in a non-empty --out holding another dataset")
     synthetic = parser.add_argument_group("synthetic source")
-    synthetic.add_argument("--identities", type=positive_int, default=1000)
-    synthetic.add_argument("--images-per-identity", type=positive_int, default=20)
-    synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.add_argument("--identities", type=positive_int, default=1000,
+                           help="number of generated people")
+    synthetic.add_argument("--images-per-identity", type=positive_int, default=20,
+                           help="photos per person")
+    synthetic.add_argument("--seed", type=int, default=0,
+                           help="the dataset is a pure function of this seed")
     return parser
 
 

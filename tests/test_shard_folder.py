@@ -174,6 +174,11 @@ def test_bad_roots_are_one_line_errors(tmp_path, run_cli):
     line = _one_line_error(run_cli(MODULE, "--src", "folder", "--root", empty,
                                    "--out", tmp_path / "o2"))
     assert "no images found" in line and str(empty) in line
+    # The failed attempt wrote no shard, so its --out still counts as empty.
+    write(tmp_path / "good" / "person" / "a.jpg", jpeg(3))
+    result = run_cli(MODULE, "--src", "folder", "--root", tmp_path / "good",
+                     "--out", tmp_path / "o2", "--workers", "1")
+    assert result.returncode == 0, result.stderr
 
 
 def test_read_only_out(tree, tmp_path, run_cli):

@@ -116,7 +116,7 @@ class RecordIOSource(Source):
 
     def _group_by_label(self, records: RecordFile, keys: np.ndarray, offsets: np.ndarray,
                         scan: Scan) -> list[tuple[str, np.ndarray]]:
-        labels = np.array([records.read(int(offset)).labels[0] for offset in offsets.tolist()])
+        labels = records.class_labels(offsets).astype(np.float64)
         bad = ~np.isfinite(labels) | (labels < 0) | (labels != np.floor(labels))
         for key in keys[bad].tolist():
             scan.rejected.append((f"{self.rec_path}#{key}", "label is not a class number"))
