@@ -81,7 +81,6 @@ def _worker(source: ImageSource, slots: list[torch.Tensor], tasks: mp.Queue,
             results: mp.Queue) -> None:
     """Decode (step, slot) tasks until a None arrives; report crashes instead of dying mute."""
     arrays = [slot.numpy() for slot in slots]
-    torch.set_num_threads(1)
     while (task := tasks.get()) is not None:
         step, slot = task
         crashed = False

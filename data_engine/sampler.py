@@ -54,8 +54,8 @@ class EpochPlan:
 
     def __init__(self, identity_start: np.ndarray, batch_size: int, k: int, *, seed: int,
                  epoch: int = 0, drop_last: bool = True) -> None:
-        if batch_size <= 0 or k <= 0:
-            raise ValueError(f"batch_size and k must be > 0, got {batch_size} and {k}")
+        if batch_size <= 0 or k < 0:  # k=0: identity images only (fc/partialfc heads)
+            raise ValueError(f"need batch_size > 0 and k >= 0, got {batch_size} and {k}")
         self.identity_start = np.asarray(identity_start, dtype=np.int64)
         self.labels = labels_from_starts(self.identity_start)
         self.num_images = int(self.identity_start[-1])

@@ -138,6 +138,12 @@ def test_torch_loader_batches_and_resume(shards: Path) -> None:
         assert torch.equal(full["identity"][row], torch.from_numpy(image.copy()).permute(2, 0, 1))
 
 
+def test_k0_loads_identity_images_only(shards: Path) -> None:
+    batch = next(iter(build_loader(shards, 8, 0, seed=0, backend="torch", device="cpu",
+                                   workers=1)))
+    assert batch.identity.shape == (8, 3, 112, 112) and batch.classes.shape == (8, 0, 3, 112, 112)
+
+
 def test_hoarded_batches_stay_intact(shards: Path) -> None:
     """Batches the caller keeps are not overwritten when the worker ring turns."""
     kept = list(build_loader(shards, 4, K, seed=0, backend="torch", device="cpu", workers=2))
