@@ -39,7 +39,8 @@ def random_model(tmp_path_factory):
 
 def _one_line_error(result, *needles):
     assert result.returncode == 2, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
+    # progress/log lines ("12:00:00 INFO ...") may precede the error; the error is one line
+    lines = [line for line in result.stderr.strip().splitlines() if " INFO " not in line]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]
