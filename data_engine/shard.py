@@ -168,8 +168,9 @@ def _write(source: Source, scan: Scan, plans: list[ShardPlan], out: Path,
                                                     "shards")):
             shards[plan.index] = summary
         todo = [plan for plan in plans if shards[plan.index] is None]
-        log.info("%d shards planned, %d already done, %d to write",
-                 len(plans), len(plans) - len(todo), len(todo))
+        log.info("%d shards planned (~%.1f GB), %d already done, %d to write", len(plans),
+                 sum(plan.estimated_bytes for plan in plans) / 1e9, len(plans) - len(todo),
+                 len(todo))
         if todo:
             (out / manifest.MANIFEST).unlink(missing_ok=True)  # incomplete until rewritten
         jobs = [(plan, scan.identities[plan.first:plan.stop]) for plan in todo]

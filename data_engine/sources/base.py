@@ -64,7 +64,5 @@ class Source(ABC):
 
 def listing_digest(lines: Iterable[str]) -> str:
     """Short hash of an identity's file listing, so a changed source changes the plan."""
-    digest = hashlib.sha1(usedforsecurity=False)
-    for line in lines:
-        digest.update(line.encode("utf-8", "surrogateescape") + b"\n")
-    return digest.hexdigest()[:16]
+    text = "\n".join(lines).encode("utf-8", "surrogateescape")
+    return hashlib.sha1(text, usedforsecurity=False).hexdigest()[:16]
