@@ -64,19 +64,17 @@ class RecordIOSource(Source):
         else:
             groups = self._groups_from_header(records, keys, offsets, header, scan)
         self._file = records
-        image_keys, image_offsets, starts, names = [], [], [0], []
-        for name, group in groups:
+        image_keys, image_offsets, starts = [], [], [0]
+        for ref, (name, group) in enumerate(groups):
             positions = np.searchsorted(keys, group)
             image_keys.append(group)
             image_offsets.append(offsets[positions])
             starts.append(starts[-1] + len(group))
-            names.append(name)
             digest = hashlib.sha1(group.tobytes() + offsets[positions].tobytes()
                                   + lengths[positions].tobytes(),
                                   usedforsecurity=False).hexdigest()[:16]
-            scan.identities.append(Identity(name, len(group),
-                                            int(lengths[positions].sum()) - len(group)
-                                            * IR_HEADER.size, digest, ref=len(names) - 1))
+            payload_bytes = int(lengths[positions].sum()) - len(group) * IR_HEADER.size
+            scan.identities.append(Identity(name, len(group), payload_bytes, digest, ref=ref))
         if not scan.identities:
             raise UserError(f"{self.rec_path}: no image records found")
         self._keys = np.concatenate(image_keys)
@@ -94,7 +92,11 @@ class RecordIOSource(Source):
             if position[0] < 0:
                 raise UserError(f"{self.idx_path}: identity record {key} (from header record "
                                 f"0's range [{first}, {end})) is missing")
-            start, stop = (int(v) for v in records.read(int(offsets[position[0]])).labels[:2])
+            labels = records.read(int(offsets[position[0]])).labels
+            if len(labels) < 2:
+                raise UserError(f"{self.rec_path}: identity record {key} has no [start, end) "
+                                "label pair")
+            start, stop = int(labels[0]), int(labels[1])
             wanted = np.arange(start, stop, dtype=np.int64)
             present = _find(keys, wanted) >= 0
             for missing in wanted[~present].tolist():
