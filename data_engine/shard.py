@@ -78,10 +78,13 @@ def build_parser() -> ArgumentParser:
                         help="dataset layout: webface4m..webface42m (WebFace42M root with "
                              "parts 0..9), folder (root/<identity>/<image>), rec or ms1mv3 "
                              "(insightface train.rec + train.idx), synthetic (generated)")
-    parser.add_argument("--root", type=existing_dir, help="dataset root (not for synthetic)")
-    parser.add_argument("--out", required=True, type=Path, help="output shards directory")
-    parser.add_argument("--shard-size", type=byte_size, default="1G",
-                        help="target shard size; an identity never spans two shards")
+    parser.add_argument("--root", type=existing_dir, metavar="DIR",
+                        help="dataset root (not for synthetic)")
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR",
+                        help="output shards directory (created; resumed if it holds this job)")
+    parser.add_argument("--shard-size", type=byte_size, default="1G", metavar="SIZE",
+                        help="target shard size (e.g. 512M, 2G); shards end near it, and an "
+                             "identity never spans two shards")
     parser.add_argument("--verify", choices=VERIFY_LEVELS, default="header",
                         help="JPEG check: none = parse the header for the size only; header "
                              "= also require the end-of-image marker (catches truncation); "
@@ -90,16 +93,17 @@ def build_parser() -> ArgumentParser:
                         help=f"images that are not {IMAGE_SIZE}x{IMAGE_SIZE} colour JPEGs "
                              f"(PNG, grey, CMYK, other sizes): convert to a {IMAGE_SIZE}x"
                              f"{IMAGE_SIZE} JPEG, or list them in rejected.tsv")
-    parser.add_argument("--workers", type=positive_int, default=_usable_cores(),
-                        help="worker processes (the output does not depend on it)")
+    parser.add_argument("--workers", type=positive_int, default=_usable_cores(), metavar="N",
+                        help="worker processes, all usable cores by default (the output "
+                             "does not depend on it)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the shards in a non-empty --out holding another dataset")
     synthetic = parser.add_argument_group("synthetic source")
-    synthetic.add_argument("--identities", type=positive_int, default=1000,
+    synthetic.add_argument("--identities", type=positive_int, default=1000, metavar="N",
                            help="number of generated people")
-    synthetic.add_argument("--images-per-identity", type=positive_int, default=20,
+    synthetic.add_argument("--images-per-identity", type=positive_int, default=20, metavar="M",
                            help="photos per person")
-    synthetic.add_argument("--seed", type=int, default=0,
+    synthetic.add_argument("--seed", type=int, default=0, metavar="S",
                            help="the dataset is a pure function of this seed")
     return parser
 
