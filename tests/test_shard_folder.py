@@ -209,3 +209,17 @@ def test_second_run_on_same_out_is_refused(tree, tmp_path, run_cli):
         assert "being written by another" in line
     finally:
         os.close(holder)
+
+
+def test_reader_rejects_missing_or_inconsistent_dirs(sharded, tmp_path):
+    import shutil
+
+    from common.cli import UserError
+
+    with pytest.raises(UserError, match=r"no manifest\.json"):
+        ShardReader(tmp_path)
+    broken = tmp_path / "broken"
+    shutil.copytree(sharded, broken)
+    (broken / "identities.txt").write_text("only_one\n")
+    with pytest.raises(UserError, match=r"does not match manifest\.json"):
+        ShardReader(broken)
