@@ -64,13 +64,12 @@ def pool_templates(features: np.ndarray, templates: np.ndarray, medias: np.ndarr
     dim = features.shape[1]
     pooled = torch.zeros((len(template_ids), dim), dtype=torch.float64)
     scratch = torch.empty((min(CHUNK_ROWS, len(features)), dim), dtype=torch.float64)
-    weights_t = torch.from_numpy(weights)
     rows_t = torch.from_numpy(template_rows.reshape(-1).astype(np.int64))
     for start in range(0, len(features), CHUNK_ROWS):
         stop = min(start + CHUNK_ROWS, len(features))
         block = scratch[:stop - start]
-        block.numpy()[:] = features[start:stop]  # float32 -> float64, also from a memmap
-        block.mul_(weights_t[start:stop, None])
+        # one pass: float32 rows (also from a memmap) times weight, into the float64 scratch
+        np.multiply(features[start:stop], weights[start:stop, None], out=block.numpy())
         pooled.index_add_(0, rows_t[start:stop], block)
     pooled /= pooled.square().sum(dim=1, keepdim=True).sqrt()
     return TemplateFeatures(template_ids, pooled.numpy())
