@@ -38,6 +38,7 @@ class JpegInfo(NamedTuple):
     components: int
 
 
+_STORABLE = JpegInfo(IMAGE_SIZE, IMAGE_SIZE, 3)  # stored byte for byte
 _SEGMENT = struct.Struct(">BBH")  # 0xFF, marker, segment length
 _FRAME = struct.Struct(">HHB")  # height, width, components (after the precision byte)
 
@@ -87,7 +88,7 @@ def prepare(data: bytes, *, verify: str = "header",
         info = jpeg_info(data)
         if verify != "none" and not _has_eoi(data):
             raise RejectedImageError("truncated jpeg (no end-of-image marker)")
-        if (info.width, info.height, info.components) == (IMAGE_SIZE, IMAGE_SIZE, 3):
+        if info == _STORABLE:
             if verify == "full":
                 _decode_check(data)
             return data, False
@@ -96,7 +97,7 @@ def prepare(data: bytes, *, verify: str = "header",
         what = "not a jpeg"
     if on_mismatch == "reject":
         raise RejectedImageError(f"{what}, expected a {IMAGE_SIZE}x{IMAGE_SIZE} colour jpeg "
-                            "(--on-mismatch reject)")
+                                 "(--on-mismatch reject)")
     return convert(data), True
 
 

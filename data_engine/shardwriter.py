@@ -131,22 +131,24 @@ def write_shard(job: tuple[ShardPlan, list[Identity]]) -> Meta:
     meta: Meta = {"index": plan.index, "name": plan.name, "plan_hash": plan.plan_hash,
                   "label_base": plan.label_base, "samples": [], "rejected": [],
                   "dropped": [], "num_converted": 0}
+    verify, on_mismatch = options.verify, options.on_mismatch
+    rejected, samples = meta["rejected"], meta["samples"]
     try:
         label = plan.label_base
         for identity in identities:
             names, images = [], []
-            for item in source.read_identity(identity):
-                if item.data is None:
-                    meta["rejected"].append([item.path, item.error])
+            for name, path, data, error in source.read_identity(identity):
+                if data is None:
+                    rejected.append([path, error])
                     continue
                 try:
-                    jpeg, converted = prepare(item.data, verify=options.verify,
-                                              on_mismatch=options.on_mismatch)
+                    jpeg, converted = prepare(data, verify=verify, on_mismatch=on_mismatch)
                 except RejectedImageError as reason:
-                    meta["rejected"].append([item.path, str(reason)])
+                    rejected.append([path, str(reason)])
                     continue
-                meta["num_converted"] += converted
-                names.append(item.name)
+                if converted:
+                    meta["num_converted"] += 1
+                names.append(name)
                 images.append(jpeg)
             with counter.get_lock():
                 counter.value += identity.num_files
@@ -154,7 +156,7 @@ def write_shard(job: tuple[ShardPlan, list[Identity]]) -> Meta:
                 meta["dropped"].append([identity.name, "all images rejected"])
                 continue
             offsets = write_sample(writer, label, identity.name, names, images)
-            meta["samples"].append([identity.name, names, offsets, [len(i) for i in images]])
+            samples.append([identity.name, names, offsets, [len(i) for i in images]])
             label += 1
         meta["bytes"], meta["sha256"] = writer.close()
         return meta
