@@ -40,12 +40,17 @@ def fingerprint(source: dict[str, Any], options: dict[str, Any]) -> str:
 
 
 def _recorded(out: Path) -> dict[str, Any] | None:
-    for path in (out / PARTS_DIR / RUN, out / MANIFEST):
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-    return None
+    """The run record ({source, options, fingerprint}) of what `out` holds, if any."""
+    try:
+        return json.loads((out / PARTS_DIR / RUN).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    try:  # parts/ deleted by hand: the manifest holds the same record
+        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+        return {"source": manifest["source_info"], "options": manifest["options"],
+                "fingerprint": manifest["fingerprint"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _differences(recorded: dict[str, Any], run: dict[str, Any]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -155,6 +156,9 @@ def test_refuses_other_dataset_unless_overwrite(tree, sharded, tmp_path, run_cli
     assert result.returncode == 0, result.stderr
     assert json.loads((copy / "manifest.json").read_text())["num_images"] == 1
     assert len(list(copy.glob("shard-*.tar"))) == 1
+    shutil.rmtree(copy / "parts")  # the manifest alone still says which dataset this is
+    result = run_cli(MODULE, "--src", "folder", "--root", tree[0], "--out", copy)
+    assert result.returncode == 2 and f"root: {other} -> {tree[0]}" in result.stderr
 
 
 def _one_line_error(result) -> str:
@@ -212,8 +216,6 @@ def test_second_run_on_same_out_is_refused(tree, tmp_path, run_cli):
 
 
 def test_reader_rejects_missing_or_inconsistent_dirs(sharded, tmp_path):
-    import shutil
-
     from common.cli import UserError
 
     with pytest.raises(UserError, match=r"no manifest\.json"):
