@@ -235,9 +235,10 @@ class Loader:
 def resolve_backend(name: str, device: str) -> str:
     """``auto`` -> dali on a CUDA device when DALI imports, else torch.
 
-    Measured on CPU (2-core EPYC): DALI's CPU pipeline costs ~146 CPU-µs per image against
-    ~95 for the torch backend, so a CPU-only machine gets torch; DALI earns its place by
-    decoding on the GPU. A backend named explicitly is used or reported as unusable.
+    Measured on CPU (2-core EPYC, BENCHMARKS.md): DALI's CPU pipeline costs 1.4-1.5x the
+    CPU time per image of the torch backend (129-146 vs 91-95 µs), so a CPU device gets
+    torch; DALI earns its place by decoding on the GPU. A backend named explicitly is used
+    or reported as unusable.
     """
     if name not in BACKENDS:
         raise UserError(f"backend {name!r}: expected one of {', '.join(BACKENDS)}")
