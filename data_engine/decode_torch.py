@@ -15,7 +15,9 @@ Why this shape: on a CPU loader the per-image overhead decides the rate, so
 
 from __future__ import annotations
 
+import os
 import queue
+import signal
 import sys
 import traceback
 from collections.abc import Iterator
@@ -79,9 +81,25 @@ def _reverse_rows(src: np.ndarray, dst: np.ndarray) -> None:
 
 def _worker(source: ImageSource, slots: list[torch.Tensor], tasks: mp.Queue,
             results: mp.Queue) -> None:
-    """Decode (step, slot) tasks until a None arrives; report crashes instead of dying mute."""
+    """Decode (step, slot) tasks until a None arrives; report crashes instead of dying mute.
+
+    Ctrl-C and SIGTERM are the parent's to handle (it stops the workers), so a training
+    run that checkpoints on a signal is not hit by dying workers; a worker whose parent
+    died (SIGKILL) notices and exits instead of waiting forever.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    parent = os.getppid()
     arrays = [slot.numpy() for slot in slots]
-    while (task := tasks.get()) is not None:
+    while True:
+        try:
+            task = tasks.get(timeout=_POLL_S)
+        except queue.Empty:
+            if os.getppid() != parent:
+                return
+            continue
+        if task is None:
+            return
         step, slot = task
         crashed = False
         try:
@@ -183,7 +201,7 @@ class TorchBatches:
             for proc in procs:
                 proc.join(timeout=5)
                 if proc.is_alive():
-                    proc.terminate()
+                    proc.kill()
             for slot in slots:
                 slot.unpin()
 
