@@ -30,7 +30,6 @@ log = logging.getLogger("evaluate.search")
 
 FPIRS = (0.01, 0.1)
 TOP_K = (1, 5, 10)
-FIRST_K = 16
 GPU_MAX_K = 2048
 EPS = 1e-4  # far above float32 dot-product error for unit vectors, far below score gaps
 ADD_CHUNK = 100_000
@@ -158,7 +157,7 @@ class Identification:
 def closed_set_metrics(gallery: Gallery, probes: np.ndarray, mate: np.ndarray) -> Identification:
     """ijb_1n.py's top-1/5/10 and TPIR@FPIR over gallery G1 ∪ G2 (+ distractors)."""
     probes = np.asarray(probes, np.float64)
-    positive, above, ids, exact = _ranks(gallery, probes, mate, max(FIRST_K, max(TOP_K) + 1))
+    positive, above, ids, exact = _ranks(gallery, probes, mate, max(TOP_K) + 1)
     top = {r: float(np.mean(above < r)) for r in TOP_K}
     need = [math.ceil(len(probes) * f) for f in FPIRS]
     largest = _largest_non_mate_scores(gallery, probes, mate, ids, exact, max(need))
