@@ -29,6 +29,8 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.pool import Pool
+from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +48,7 @@ from data_engine.shardwriter import (
     relabel_shard,
     write_shard,
 )
-from data_engine.sources import SOURCES, Scan, Source, build_source
+from data_engine.sources import SOURCES, Identity, Scan, Source, build_source
 
 log = logging.getLogger("data_engine.shard")
 _SCAN_PROGRESS_MIN_TASKS = 16
@@ -172,26 +174,34 @@ def _write(source: Source, scan: Scan, plans: list[ShardPlan], out: Path,
                                                     "shards")):
             shards[plan.index] = summary
         todo = [plan for plan in plans if shards[plan.index] is None]
-        log.info("%d shards planned (~%.1f GB), %d already done, %d to write", len(plans),
-                 sum(plan.estimated_bytes for plan in plans) / 1e9, len(plans) - len(todo),
+        log.info("%d shards planned (~%.0f MB), %d already done, %d to write", len(plans),
+                 sum(plan.estimated_bytes for plan in plans) / 1e6, len(plans) - len(todo),
                  len(todo))
         if todo:
             (out / manifest.MANIFEST).unlink(missing_ok=True)  # incomplete until rewritten
         jobs = [(plan, scan.identities[plan.first:plan.stop]) for plan in todo]
-        results = pool.imap_unordered(write_shard, jobs)
-        commits = []
-        with Progress(sum(plan.num_files for plan in todo), "sharding", unit="img") as bar:
-            while len(commits) < len(jobs):
-                try:
-                    commits.append(committer.submit(commit_shard, out, results.next(0.5)))
-                    bar.set_postfix(f"{len(commits)}/{len(jobs)} shards")
-                except mp.TimeoutError:
-                    pass
-                bar.update(counter.value - bar.count)
-            for commit in commits:
-                summary = commit.result()
+        if jobs:
+            for summary in _write_jobs(jobs, pool, committer, counter, out):
                 shards[summary.index] = summary
     return _fix_labels([summary for summary in shards if summary is not None], out)
+
+
+def _write_jobs(jobs: list[tuple[ShardPlan, list[Identity]]], pool: Pool,
+                committer: ThreadPoolExecutor, counter: Synchronized,
+                out: Path) -> list[ShardSummary]:
+    """Workers write the shards; each finished one is committed (fsync, rename, sidecar)
+    in a thread while the bar follows the images the workers have done."""
+    results = pool.imap_unordered(write_shard, jobs)
+    commits = []
+    with Progress(sum(plan.num_files for plan, _ in jobs), "sharding", unit="img") as bar:
+        while len(commits) < len(jobs):
+            try:
+                commits.append(committer.submit(commit_shard, out, results.next(0.5)))
+                bar.set_postfix(f"{len(commits)}/{len(jobs)} shards")
+            except mp.TimeoutError:
+                pass
+            bar.update(counter.value - bar.count)
+        return [commit.result() for commit in commits]
 
 
 def _fix_labels(shards: list[ShardSummary], out: Path) -> list[ShardSummary]:
@@ -226,12 +236,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         manifest.remove_temp_files(out)
         os.close(lock)
-    elapsed = time.monotonic() - started
-    log.info("wrote %d identities, %d images in %d shards to %s in %.1fs (%.0f img/s); "
-             "%d converted, %d rejected (rejected.tsv), %d identities dropped",
-             result["num_identities"], result["num_images"], len(result["shards"]), out,
-             elapsed, result["num_images"] / max(elapsed, 1e-9), result["num_converted"],
-             result["num_rejected"], len(result["dropped_identities"]))
+    log.info("%s complete in %.1fs: %d identities, %d images in %d shards; %d converted, "
+             "%d rejected (rejected.tsv), %d identities dropped (manifest.json)", out,
+             time.monotonic() - started, result["num_identities"], result["num_images"],
+             len(result["shards"]), result["num_converted"], result["num_rejected"],
+             len(result["dropped_identities"]))
     return 0
 
 
