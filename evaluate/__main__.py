@@ -151,7 +151,8 @@ def run_ijb(args: argparse.Namespace) -> int:
     distractors = None if args.distractors is None else _load_matrix(args.distractors,
                                                                      "distractor matrix")
     result = ijb.score(images, np.asarray(features), faceness, protocol,
-                       distractors=distractors, open_set=args.open_set)
+                       distractors=distractors, open_set=args.open_set,
+                       full_roc=args.plot is not None)
     gallery = "+".join(ijb_meta.GALLERIES[prefix])
     if distractors is not None:
         gallery += f" + {len(distractors)} distractors"

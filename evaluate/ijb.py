@@ -16,7 +16,7 @@ from evaluate import ijb_meta
 from evaluate.align import align_face
 from evaluate.features import embed_batch
 from evaluate.pairs import pair_scores
-from evaluate.roc import roc_curve, tar_at_far
+from evaluate.roc import METRIC_MAX_FPR, roc_curve, tar_at_far
 from evaluate.search import Gallery, closed_set_metrics, mates, open_set_metrics
 from evaluate.templates import TemplateFeatures, pool_templates
 
@@ -101,13 +101,17 @@ def read_protocol(root: Path, prefix: str) -> Protocol:
 
 def score(images: ijb_meta.ImageMeta, features: np.ndarray, faceness: np.ndarray | None,
           protocol: Protocol, *, distractors: np.ndarray | None = None,
-          open_set: bool = False) -> IJBResult:
-    """All metrics from per-image features, computed as insightface's eval scripts do."""
+          open_set: bool = False, full_roc: bool = False) -> IJBResult:
+    """All metrics from per-image features, computed as insightface's eval scripts do.
+
+    The ROC is built up to FAR 0.3 only (all the metrics need) unless ``full_roc`` (plots).
+    """
     pooled = pool_templates(features, images.templates, images.medias, faceness)
     pairs = protocol.pairs
     scores = pair_scores(pooled.features, pooled.rows(pairs[:, 0], protocol.pairs_file),
                          pooled.rows(pairs[:, 1], protocol.pairs_file))
-    fpr, tpr, _ = roc_curve(protocol.labels, scores)
+    fpr, tpr, _ = roc_curve(protocol.labels, scores,
+                            max_fpr=None if full_roc else METRIC_MAX_FPR)
     metrics = {"tar_at_far": tar_at_far(fpr, tpr)}
     metrics.update(one_to_n(pooled, protocol, distractors, open_set))
     return IJBResult(metrics, fpr, tpr)

@@ -9,13 +9,16 @@ comparable to the tables to the last digit. sklearn itself is not a dependency.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+METRIC_MAX_FPR = 3 * max(FARS)  # enough curve for tar_at_far (needs >= 2 x FAR)
 
 
-def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray,
-                                                               np.ndarray]:
+def roc_curve(labels: np.ndarray, scores: np.ndarray, max_fpr: float | None = None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(fpr, tpr, thresholds), descending thresholds, as sklearn's default roc_curve.
 
     sklearn argsorts all scores and takes second differences over every distinct value. For
@@ -23,18 +26,30 @@ def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.nd
     thresholds, the curve's step (impostors, genuines) at a distinct value is (1, 0) unless the
     value is shared or genuine, and a point is kept only where the step changes. So we sort
     the scores once and do the rest on those few "special" values.
+
+    ``max_fpr``: only the curve up to (at least) that FPR is built, from the highest scores
+    (a partition, then a sort of that part). Its points are the full curve's points, plus a
+    last point where it stops, which the full curve may have dropped as collinear.
     """
     labels = np.asarray(labels).astype(bool)
     scores = np.asarray(scores, dtype=np.float64)
-    if labels.all() or not labels.any():
+    positives = int(labels.sum())
+    negatives = len(labels) - positives
+    if not positives or not negatives:
         raise ValueError("ROC needs both genuine and impostor pairs")
+    genuine = scores[labels]
+    needed = len(scores) if max_fpr is None else math.ceil(max_fpr * negatives) + positives
+    if needed < len(scores):
+        cut = np.partition(scores, len(scores) - needed)[len(scores) - needed]
+        scores = scores[scores >= cut]  # whole tie groups: the curve stops at a real point
+        genuine = genuine[genuine >= cut]
     ascending = np.sort(scores)
     total = len(ascending)
     same = ascending[1:] == ascending[:-1]
     first = np.flatnonzero(np.r_[True, ~same])  # first sorted position of each distinct value
     distinct = len(first)
     # value index (ascending) of each genuine pair and of each shared value
-    genuine_values = np.sort(np.searchsorted(first, np.searchsorted(ascending, scores[labels])))
+    genuine_values = np.sort(np.searchsorted(first, np.searchsorted(ascending, genuine)))
     shared = np.searchsorted(first, np.flatnonzero(same) + 1, side="right") - 1
     special = _sorted_union(genuine_values, shared)
     following = np.minimum(special + 1, distinct - 1)
@@ -61,7 +76,7 @@ def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.nd
     thresholds = ascending[first[value]]
     fps, tps = np.r_[0, fps], np.r_[0, tps]
     thresholds = np.r_[np.inf, thresholds]
-    return fps / fps[-1], tps / tps[-1], thresholds
+    return fps / negatives, tps / positives, thresholds
 
 
 def _sorted_union(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -71,7 +86,11 @@ def _sorted_union(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def tar_at_far(fpr: np.ndarray, tpr: np.ndarray, fars=FARS) -> dict[str, float]:
-    """TAR at the ROC point nearest to each FAR (eval_ijbc's rule); keys like ``"0.0001"``."""
+    """TAR at the ROC point nearest to each FAR (eval_ijbc's rule); keys like ``"0.0001"``.
+
+    A curve cut at ``max_fpr`` >= 2 x FAR gives the full curve's answer: (0, 0) is within
+    FAR of the target, so neither the cut's extra point nor anything past it can be nearest.
+    """
     result = {}
     for far in fars:
         gap = np.abs(fpr - far)

@@ -119,6 +119,21 @@ def test_roc_matches_reference_on_random_scores(seed, decimals, genuine):
     assert tar_at_far(fpr, tpr) == reference.tar_at_far(labels, scores)
 
 
+@pytest.mark.parametrize(("seed", "decimals"), [(8, None), (9, 1), (10, 2)])
+def test_roc_cut_at_max_fpr_gives_the_same_tar(seed, decimals):
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(30000) < 0.1).astype(np.int8)
+    scores = rng.normal(size=30000) + 1.5 * labels
+    if decimals is not None:
+        scores = np.round(scores, decimals)
+    full = roc_curve(labels, scores)
+    cut = roc_curve(labels, scores, max_fpr=0.3)
+    assert cut[0][-1] >= 0.3 and len(cut[0]) < len(full[0])
+    np.testing.assert_array_equal(cut[0][:-1], full[0][:len(cut[0]) - 1])
+    np.testing.assert_array_equal(cut[1][:-1], full[1][:len(cut[1]) - 1])
+    assert tar_at_far(*cut[:2]) == tar_at_far(*full[:2])
+
+
 def test_closed_set_by_hand():
     gallery = _unit([[1, 0, 0], [0, 1, 0], [0, 0, 1]])
     probes = _unit([[1, 0.1, 0], [0.2, 1, 0.5], [0.9, 0, 0.3]])
