@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 TINY_NET = '{"blocks": [1, 1, 1, 1], "scale": 1}'
 TINY = ["--network", "mbf", "--network-args", TINY_NET, "--embedding-size", "64",
         "--batch-size", "8", "--gamma", "0.9", "--device", "cpu", "--backend", "torch",
-        "--workers", "1", "--no-tensorboard"]
+        "--workers", "1", "--no-tensorboard", "--val", "none"]
 
 
 @pytest.fixture(scope="module")

@@ -151,3 +151,21 @@ def test_nonfinite_step_is_skipped_on_the_device():
     step(batch, lr=0.1)
     assert not torch.equal(before[0], params[0]) and int(step.nonfinite_in_row) == 0
     assert step.read_loss() > 0
+
+
+def test_synthetic_shards_get_a_heldout_validation_set(tmp_path):
+    import json
+
+    from evaluate.verification import load_bin
+    from train.validate import synthetic_heldout
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    manifest = {"source": "synthetic", "num_identities": 7,
+                "source_info": {"identities": 7, "seed": 3}}
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    val_dir = synthetic_heldout(shards, tmp_path / "run", identities=4, pairs=10)
+    images, issame = load_bin(val_dir / "synthetic_heldout.bin")
+    assert images.shape == (20, 3, 112, 112) and issame.sum() == 5
+    (shards / "manifest.json").write_text(json.dumps({**manifest, "source": "folder"}))
+    assert synthetic_heldout(shards, tmp_path / "other") is None

@@ -39,8 +39,9 @@ OPTIONS: tuple[Option, ...] = (
            group="data"),
     Option("output", "runs/latest", "run directory: checkpoints/, metrics.jsonl, model.pt",
            group="data"),
-    Option("val", "", "directory of insightface .bin verification sets (lfw.bin, ...) to "
-           "validate on; empty: no validation", group="data"),
+    Option("val", "auto", "directory of insightface .bin verification sets (lfw.bin, ...) "
+           "to validate on; 'auto': for synthetic shards a held-out synthetic set written to "
+           "RUN/val, else none; 'none': no validation", group="data"),
     Option("backend", "auto", "loader backend", ("auto", "dali", "torch"), group="data"),
     Option("workers", 0, "loader decode workers (0: the loader's choice)", group="data"),
     Option("network", "r50", "feature encoder", ("r18", "r34", "r50", "r100", "r200", "mbf"),
@@ -191,7 +192,7 @@ def _check(config: dict[str, Any]) -> None:
         raise UserError("--shards is required (or 'shards' in --config)")
     if not Path(config["shards"]).is_dir():
         raise UserError(f"--shards {config['shards']}: not a directory")
-    if config["val"] and not Path(config["val"]).is_dir():
+    if config["val"] not in ("auto", "none") and not Path(config["val"]).is_dir():
         raise UserError(f"--val {config['val']}: not a directory")
     for key in ("epochs", "batch_size", "k", "embedding_size", "log_every", "ckpt_every",
                 "keep", "max_nonfinite"):

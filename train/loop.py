@@ -42,7 +42,7 @@ from train.prefetch import Prefetcher
 from train.schedule import lr_at
 from train.signals import StopRequest
 from train.step import TrainStep, make_optimizer
-from train.validate import Validator
+from train.validate import Validator, synthetic_heldout
 
 log = logging.getLogger("train")
 
@@ -104,8 +104,15 @@ class Trainer:
                               compile_backbone=config["compile"])
         if checkpoint is not None:
             self._restore(checkpoint)
-        self.validator = (Validator(Path(config["val"]), device=self.device)
-                          if config["val"] else None)
+        self.validator = self._validator()
+
+    def _validator(self) -> Validator | None:
+        val = self.config["val"]
+        if val == "none":
+            return None
+        val_dir = (synthetic_heldout(Path(self.config["shards"]), self.run_dir) if val == "auto"
+                   else Path(val))
+        return Validator(val_dir, device=self.device) if val_dir is not None else None
 
     def _find_checkpoint(self, resume: bool) -> dict[str, Any] | None:
         if not resume:

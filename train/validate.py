@@ -6,6 +6,7 @@ training are the numbers ``python -m evaluate`` reports for the same weights.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -14,9 +15,34 @@ from torch import nn
 
 from common.cli import UserError
 from evaluate.features import extract_features
+from evaluate.synthetic_ijb import write_synthetic_bin
 from evaluate.verification import evaluate_embeddings, load_bin
 
 log = logging.getLogger(__name__)
+
+
+def synthetic_heldout(shards_dir: Path, run_dir: Path, *, identities: int = 300,
+                      pairs: int = 600) -> Path | None:
+    """For synthetic shards, RUN/val with a .bin of people the run never trains on.
+
+    Synthetic identity ``i`` looks the same whatever else is generated, so identities from
+    the training set's count upwards are unseen people: a real held-out test. None for
+    other sources (pass their lfw/cfp_fp/agedb_30 .bin files with --val).
+    """
+    manifest = json.loads((shards_dir / "manifest.json").read_text())
+    if manifest.get("source") != "synthetic":
+        return None
+    info = manifest.get("source_info", {})
+    val_dir = run_dir / "val"
+    path = val_dir / "synthetic_heldout.bin"
+    if not path.is_file():
+        val_dir.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")  # not *.bin until complete
+        write_synthetic_bin(partial, identities=identities,
+                            first_identity=int(info.get("identities", manifest["num_identities"])),
+                            pairs=pairs, seed=int(info.get("seed", 0)))
+        partial.replace(path)
+    return val_dir
 
 
 class Validator:
