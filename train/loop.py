@@ -162,53 +162,23 @@ class Trainer:
     def fit(self) -> int:
         """Train until the last epoch, --max-steps or a stop signal; 0 on a clean finish."""
         c = self.config
-        warmup_steps = round(c["warmup_epochs"] * self.steps_per_epoch)
-        images_per_sample = 1 + c["k"] if self.head.needs_class_images else 1
         log.info("%s %s on %s (%s): %d classes, %d steps/epoch, steps %d..%d of %d",
                  c["network"], c["head"], self.device, self.precision, self.num_classes,
                  self.steps_per_epoch, self.pos.step, self.last_step, self.total_steps)
         self.metrics = MetricsLog(self.run_dir, tensorboard=c["tensorboard"],
                                   resume_step=self.pos.step)
-        saved_at = self.pos.step
+        self.saved_at = self.pos.step
         with StopRequest() as stop, self.metrics, Progress(
-                self.last_step - self.pos.step, "train", "step") as progress:
-            tick, tick_step = time.perf_counter(), self.pos.step
+                self.last_step - self.pos.step, "train", "step") as self.progress:
+            self.tick, self.tick_step = time.perf_counter(), self.pos.step
             while self.pos.step < self.last_step and not stop.requested:
-                loader = self._loader(epoch=self.pos.epoch, start_step=self.pos.step_in_epoch)
-                exhausted = False
-                with (Prefetcher(loader, c["prefetch"]) if c["prefetch"]
-                      else contextlib.nullcontext(loader)) as batches:
-                    for batch in batches:
-                        lr = lr_at(self.pos.step, total_steps=self.total_steps,
-                                   base_lr=c["lr"], warmup_steps=warmup_steps,
-                                   min_lr=c["min_lr"])
-                        stats = self.step(batch, lr, poison=self._poisoned(self.pos.step + 1))
-                        self.pos.step += 1
-                        self.pos.step_in_epoch += 1
-                        progress.update()
-                        if self.pos.step % c["log_every"] == 0 or self.pos.step == self.last_step:
-                            elapsed = time.perf_counter() - tick
-                            samples = (self.pos.step - tick_step) * c["batch_size"]
-                            record = self._log(lr, stats, samples / elapsed, images_per_sample)
-                            progress.set_postfix(postfix(record, c["epochs"]))
-                            tick, tick_step = time.perf_counter(), self.pos.step
-                        if self.pos.step_in_epoch == self.steps_per_epoch:
-                            break  # the epoch end below validates and checkpoints
-                        if c["val_every"] and self.pos.step % c["val_every"] == 0:
-                            self._validate()
-                        if self.pos.step % c["ckpt_every"] == 0:
-                            saved_at = self._save()
-                        if stop.requested or self.pos.step >= self.last_step:
-                            break
-                    else:
-                        exhausted = True  # a loader shorter than len() still ends the epoch
-                if exhausted or self.pos.step_in_epoch == self.steps_per_epoch:
+                if self._train_epoch(stop):
                     self.pos.epoch += 1
                     self.pos.step_in_epoch = 0
                     self._validate()
-                    saved_at = self._save()
+                    self._save()
                     self._export_model()
-            if saved_at != self.pos.step:
+            if self.saved_at != self.pos.step:
                 self._save()
             self._export_model()
         if stop.requested:
@@ -218,6 +188,37 @@ class Trainer:
             log.info("finished at step %d; model: %s", self.pos.step,
                      self.run_dir / "model.pt")
         return 0
+
+    def _train_epoch(self, stop: StopRequest) -> bool:
+        """Steps from the current position: True at the epoch's end, False when stopped
+        early (--max-steps, a signal)."""
+        c = self.config
+        loader = self._loader(epoch=self.pos.epoch, start_step=self.pos.step_in_epoch)
+        with (Prefetcher(loader, c["prefetch"]) if c["prefetch"]
+              else contextlib.nullcontext(loader)) as batches:
+            for batch in batches:
+                self._train_step(batch)
+                if self.pos.step_in_epoch == self.steps_per_epoch:
+                    return True  # the caller validates and checkpoints at the epoch end
+                if c["val_every"] and self.pos.step % c["val_every"] == 0:
+                    self._validate()
+                if self.pos.step % c["ckpt_every"] == 0:
+                    self._save()
+                if stop.requested or self.pos.step >= self.last_step:
+                    return False
+        return True  # a loader shorter than len() still ends the epoch
+
+    def _train_step(self, batch: Any) -> None:
+        c = self.config
+        lr = lr_at(self.pos.step, total_steps=self.total_steps, base_lr=c["lr"],
+                   warmup_steps=round(c["warmup_epochs"] * self.steps_per_epoch),
+                   min_lr=c["min_lr"])
+        stats = self.step(batch, lr, poison=self._poisoned(self.pos.step + 1))
+        self.pos.step += 1
+        self.pos.step_in_epoch += 1
+        self.progress.update()
+        if self.pos.step % c["log_every"] == 0 or self.pos.step == self.last_step:
+            self._log(lr, stats)
 
     def _poisoned(self, step: int) -> bool:
         return any(first <= step <= last for first, last in self.inject_nan)
@@ -234,10 +235,14 @@ class Trainer:
                             f"(--max-nonfinite {self.config['max_nonfinite']}); {kept}; try a "
                             "lower --lr or --warmup-epochs, or check the data")
 
-    def _log(self, lr: float, stats: dict[str, torch.Tensor], samples_per_s: float,
-             images_per_sample: int) -> dict[str, Any]:
+    def _log(self, lr: float, stats: dict[str, torch.Tensor]) -> None:
+        """One metrics record and the progress postfix; throughput is since the last log."""
         self._check_finite()
         loss = self.step.read_loss()
+        now = time.perf_counter()
+        samples_per_s = (self.pos.step - self.tick_step) * self.config["batch_size"] / (
+            now - self.tick)
+        images_per_sample = 1 + self.config["k"] if self.head.needs_class_images else 1
         record = {
             "step": self.pos.step,
             "epoch": self.pos.epoch,
@@ -250,7 +255,8 @@ class Trainer:
             "mem_bytes": peak_memory_bytes(self.device),
         }
         self.metrics.write(record)
-        return record
+        self.progress.set_postfix(postfix(record, self.config["epochs"]))
+        self.tick, self.tick_step = time.perf_counter(), self.pos.step
 
     def _validate(self) -> None:
         if self.validator is None:
@@ -264,7 +270,7 @@ class Trainer:
             log.info("new best mean validation accuracy %.4f: %s", results["mean"],
                      self.run_dir / "best.pt")
 
-    def _save(self) -> int:
+    def _save(self) -> None:
         self._check_finite()
         self.pos.nonfinite_total = int(self.step.nonfinite_total)
         state = {
@@ -277,8 +283,8 @@ class Trainer:
             "network": self.config["network"],
         }
         path = save_checkpoint(self.ckpt_dir, self.pos.step, state, self.config["keep"])
+        self.saved_at = self.pos.step
         log.info("checkpoint %s", path)
-        return self.pos.step
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.pos = Position(**state["position"])
