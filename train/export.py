@@ -7,6 +7,7 @@ against PyTorch with onnxruntime on random batches before the command reports su
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import warnings
@@ -81,8 +82,9 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m train.export", description=__doc__)
     parser.add_argument("model", type=existing_file, help="RUN/model.pt (or RUN/best.pt)")
     parser.add_argument("--onnx", required=True, type=Path, help="ONNX file to write")
-    parser.add_argument("--network", help="backbone name (default: from model.json beside "
-                        "the model, else r50)")
+    parser.add_argument("--network", default=argparse.SUPPRESS,
+                        help="backbone name (default: from model.json beside the model, else "
+                        "r50)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset")
     parser.add_argument("--atol", type=float, default=1e-4,
                         help="largest allowed |ONNX - PyTorch| on the check batches")
@@ -92,7 +94,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    backbone = load_model_file(args.model, args.network)
+    backbone = load_model_file(args.model, getattr(args, "network", None))
     args.onnx.parent.mkdir(parents=True, exist_ok=True)
     export_onnx(backbone, args.onnx, opset=args.opset)
     difference = max_difference(backbone, args.onnx)
