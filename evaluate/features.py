@@ -44,7 +44,8 @@ def load_backbone(model_path: Path | str, network: str | None = None,
     """The feature encoder saved by train (or an insightface model-zoo state_dict), eval mode.
 
     ``weights_only=True``: a model file from the internet must not be able to run code.
-    The network comes from ``network``, else ``model.json`` beside the file, else r50.
+    The network comes from ``network``, else ``model.json`` beside the file (with its
+    ``network_args``), else r50.
     """
     from model.backbones import get_model
 
@@ -59,11 +60,13 @@ def load_backbone(model_path: Path | str, network: str | None = None,
     state = {k.removeprefix("module."): v for k, v in state.items()}
     info = _model_info(model_path)
     name = network or info.get("network") or DEFAULT_NETWORK
+    # Extra constructor arguments (e.g. a slim mbf) belong to the network model.json names.
+    network_args = info.get("network_args", {}) if name == info.get("network") else {}
     embedding_size = info.get("embedding_size")
     if embedding_size is None and "features.weight" in state:  # iresnet's final BatchNorm1d
         embedding_size = int(state["features.weight"].shape[0])
     try:
-        backbone = get_model(name, embedding_size=int(embedding_size or 512))
+        backbone = get_model(name, embedding_size=int(embedding_size or 512), **network_args)
     except (KeyError, ValueError) as error:
         raise UserError(f"--network {name}: {error}") from None
     try:

@@ -64,3 +64,16 @@ def test_load_backbone_reads_model_json_and_rejects_wrong_network(tmp_path):
         torch.testing.assert_close(loaded(x), net.eval()(x))
     with pytest.raises(UserError, match="--network"):
         load_backbone(tmp_path / "model.pt", network="r34")
+
+
+def test_load_backbone_rebuilds_network_args_from_model_json(tmp_path):
+    """A slim network trained with --network-args loads for evaluation without extra flags."""
+    args = {"blocks": [1, 1, 1, 1], "scale": 1}
+    net = get_model("mbf", embedding_size=32, **args)
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    (tmp_path / "model.json").write_text(json.dumps(
+        {"network": "mbf", "embedding_size": 32, "network_args": args}))
+    loaded = load_backbone(tmp_path / "model.pt")
+    x = torch.zeros(2, 3, 112, 112)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x), net.eval()(x))

@@ -8,7 +8,6 @@ against PyTorch with onnxruntime on random batches before the command reports su
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import warnings
 from collections.abc import Sequence
@@ -19,32 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.cli import ArgumentParser, UserError, existing_file, run_cli, setup_logging
+from evaluate.features import load_backbone
 
 log = logging.getLogger("train.export")
 
 INPUT, OUTPUT = "input", "embedding"
-
-
-def load_model_file(path: Path, network: str | None = None) -> nn.Module:
-    """The feature encoder from ``model.pt``, rebuilt from ``model.json`` beside it (network,
-    embedding_size, network_args), loaded strictly with ``weights_only=True``."""
-    from model.backbones import get_model
-
-    info_path = path.parent / "model.json"
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
-                                              for v in state.values()):
-        raise UserError(f"{path}: not a feature-encoder state_dict (RUN/model.pt or best.pt)")
-    name = network or info.get("network", "r50")
-    embedding_size = info.get("embedding_size") or int(state["features.weight"].shape[0])
-    backbone = get_model(name, embedding_size=embedding_size, **info.get("network_args", {}))
-    try:
-        backbone.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        raise UserError(f"{path}: weights do not fit network {name}; pass --network "
-                        f"({str(error).splitlines()[0]})") from None
-    return backbone.eval()
 
 
 def export_onnx(backbone: nn.Module, path: Path, *, opset: int = 17) -> None:
@@ -101,7 +79,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    backbone = load_model_file(args.model, getattr(args, "network", None))
+    backbone = load_backbone(args.model, getattr(args, "network", None))
     args.onnx.parent.mkdir(parents=True, exist_ok=True)
     export_onnx(backbone, args.onnx, opset=args.opset)
     difference = max_difference(backbone, args.onnx)
