@@ -95,6 +95,9 @@ def build_parser() -> ArgumentParser:
     synth_bin.add_argument("--first-identity", type=int, default=100_000)
     synth_bin.add_argument("--pairs", type=positive_int, default=600)
     synth_bin.add_argument("--seed", type=int, default=0)
+    report = commands.add_parser("report", help="write RUN/report.md with plots for a run")
+    report.add_argument("run", type=existing_dir, metavar="RUN",
+                        help="training run directory (evaluations read from RUN/eval/*.json)")
     return parser
 
 
@@ -116,6 +119,7 @@ def _backbone(args: argparse.Namespace):
 def run_ijb(args: argparse.Namespace) -> int:
     from evaluate import ijb, ijb_meta
     from evaluate.features import cached_features
+    from evaluate.roc import roc_points
 
     prefix, root = args.command, args.root
     images = ijb_meta.read_image_meta(root, prefix)
@@ -158,7 +162,7 @@ def run_ijb(args: argparse.Namespace) -> int:
         gallery += f" + {len(distractors)} distractors"
     print(format_ijb_table(prefix.upper().replace("IJB", "IJB-"), result.metrics, gallery))
     if args.out:
-        _write_json(args.out, result.metrics)
+        _write_json(args.out, {**result.metrics, "roc": roc_points(result.fpr, result.tpr)})
     if args.plot:
         from evaluate.roc import plot_roc
 
@@ -239,6 +243,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_ijb(args)
     if args.command in VERIFICATION_SETS:
         return run_verification(args)
+    if args.command == "report":
+        from evaluate.report import write_report
+
+        print(f"report written to {write_report(args.run)}")
+        return 0
     return run_synthetic(args)
 
 

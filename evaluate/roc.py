@@ -100,6 +100,16 @@ def tar_at_far(fpr: np.ndarray, tpr: np.ndarray, fars=FARS) -> dict[str, float]:
     return result
 
 
+def roc_points(fpr: np.ndarray, tpr: np.ndarray, num: int = 120) -> dict[str, list[float]]:
+    """The curve at ``num`` log-spaced FARs (1e-6..1): small enough for the JSON, and enough
+    for ``evaluate report`` to redraw the ROC without the 15.7M pair scores."""
+    grid = np.logspace(-6, 0, num)
+    grid = grid[grid <= fpr[-1]]
+    # step-function ROC: the best TAR reachable without exceeding each FAR
+    index = np.searchsorted(fpr, grid, side="right") - 1
+    return {"fpr": grid.tolist(), "tpr": tpr[index].tolist()}
+
+
 def far_key(far: float) -> str:
     """JSON key of a FAR as in DESIGN §5: Python's repr of the float (1e-06, 0.0001, 0.1)."""
     return repr(float(far))
