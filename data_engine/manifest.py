@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from common.cli import UserError
+from common.files import fsync_dir
 from data_engine.images import IMAGE_SIZE
 from data_engine.shardwriter import PARTS_DIR, TEMP_SUFFIX, ShardSummary, meta_path, write_json
 from data_engine.sources import Scan
@@ -178,15 +179,6 @@ def _write_bytes(path: Path, data: bytes) -> None:
     temp.replace(path)
 
 
-def sync_dir(path: Path) -> None:
-    """Make the renames inside `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_outputs(out: Path, run: dict[str, Any], scan: Scan,
                   shards: list[ShardSummary]) -> dict:
     """identities.txt, index.npz, rejected.tsv, then manifest.json (the completion mark)."""
@@ -224,7 +216,7 @@ def write_outputs(out: Path, run: dict[str, Any], scan: Scan,
                     "num_images": len(s.offsets), "bytes": s.bytes, "sha256": s.sha256}
                    for s in shards],
     }
-    sync_dir(out)  # shards and index are durable before the manifest says "complete"
+    fsync_dir(out)  # shards and index are durable before the manifest says "complete"
     _write_text(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    sync_dir(out)
+    fsync_dir(out)
     return manifest

@@ -258,9 +258,14 @@ class Trainer:
         self.progress.set_postfix(postfix(record, self.config["epochs"]))
         self.tick, self.tick_step = time.perf_counter(), self.pos.step
 
+    def _exclude_from_throughput(self, started: float) -> None:
+        """Validation and checkpoints are not training: keep their time out of samples/s."""
+        self.tick += time.perf_counter() - started
+
     def _validate(self) -> None:
         if self.validator is None:
             return
+        started = time.perf_counter()
         results = self.validator(self.backbone)
         self.metrics.write({"step": self.pos.step, "epoch": self.pos.epoch, "kind": "val",
                             **results}, prefix="val")
@@ -269,8 +274,10 @@ class Trainer:
             atomic_save(self._backbone_weights(), self.run_dir / "best.pt")
             log.info("new best mean validation accuracy %.4f: %s", results["mean"],
                      self.run_dir / "best.pt")
+        self._exclude_from_throughput(started)
 
     def _save(self) -> None:
+        started = time.perf_counter()
         self._check_finite()
         self.pos.nonfinite_total = int(self.step.nonfinite_total)
         state = {
@@ -285,6 +292,7 @@ class Trainer:
         path = save_checkpoint(self.ckpt_dir, self.pos.step, state, self.config["keep"])
         self.saved_at = self.pos.step
         log.info("checkpoint %s", path)
+        self._exclude_from_throughput(started)
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.pos = Position(**state["position"])
