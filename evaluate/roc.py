@@ -101,10 +101,10 @@ def tar_at_far(fpr: np.ndarray, tpr: np.ndarray, fars=FARS) -> dict[str, float]:
 
 
 def roc_points(fpr: np.ndarray, tpr: np.ndarray, num: int = 120) -> dict[str, list[float]]:
-    """The curve at ``num`` log-spaced FARs (1e-6..1): small enough for the JSON, and enough
-    for ``evaluate report`` to redraw the ROC without the 15.7M pair scores."""
-    grid = np.logspace(-6, 0, num)
-    grid = grid[grid <= fpr[-1]]
+    """The curve at ``num`` log-spaced FARs from 1e-6 to METRIC_MAX_FPR: small enough for the
+    JSON, enough for ``evaluate report`` to redraw the ROC without the 15.7M pair scores, and
+    the same whether or not the full curve was built for ``--plot``."""
+    grid = np.logspace(-6, np.log10(METRIC_MAX_FPR), num)
     # step-function ROC: the best TAR reachable without exceeding each FAR
     index = np.searchsorted(fpr, grid, side="right") - 1
     return {"fpr": grid.tolist(), "tpr": tpr[index].tolist()}

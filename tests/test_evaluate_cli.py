@@ -54,7 +54,10 @@ def test_ijbc_end_to_end_with_model_then_features(run_cli, synth_ijb, random_mod
     assert result.returncode == 0, result.stderr
     assert "TAR (%) @ FAR" in result.stdout and "OPEN SET" in result.stdout
     metrics = json.loads(out.read_text())
-    assert set(metrics) == DESIGN_KEYS | {"open_set"}
+    assert set(metrics) == DESIGN_KEYS | {"open_set", "roc"}
+    roc = metrics["roc"]  # the curve for `evaluate report`, consistent with tar_at_far
+    assert len(roc["fpr"]) == len(roc["tpr"]) and roc["fpr"][0] == 1e-6
+    assert roc["tpr"] == sorted(roc["tpr"])
     assert list(metrics["tar_at_far"]) == FAR_KEYS
     assert list(metrics["tpir_at_fpir"]) == ["0.01", "0.1"]
     assert all(0 <= v <= 1 for v in metrics["tar_at_far"].values())
