@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import math
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import matplotlib
 import numpy as np
-import tomllib
 
 matplotlib.use("Agg")  # files only: the report must render on machines without a screen
 import matplotlib.pyplot as plt
