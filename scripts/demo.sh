@@ -24,7 +24,7 @@ else
 fi
 
 say "1/5 synthetic dataset -> shards ($identities identities)"
-$py -m data_engine.shard --src synthetic --identities "$identities" --images-per-identity 7 \
+$py -m data_engine.shard --src synthetic --identities "$identities" --images-per-identity 5 \
     --seed 0 --shard-size 16M --out "$out/shards"
 
 say "2/5 held-out IJB-C-style benchmark (people never seen in training)"
@@ -38,7 +38,7 @@ elif compgen -G "$run/checkpoints/*.pt" >/dev/null; then
     $py -m train --output "$run" --resume
 else
     $py -m train --shards "$out/shards" --output "$run" --head attfc "${model_flags[@]}" \
-        --log-every 10 --val-every 200
+        --log-every 10 --val-every 150
 fi
 
 say "4/5 IJB-C 1:1 and 1:N on the held-out benchmark"

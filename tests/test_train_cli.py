@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -143,3 +144,47 @@ def test_nonfinite_losses_stop_with_last_good_checkpoint(run_cli, data, tmp_path
     assert [r["nonfinite_total"] for r in records] == [0, 1, 1, 1, 2, 3]
     state = torch.load(run / "checkpoints" / "step-000000006.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["backbone"].values())
+
+
+def test_corrupt_image_stops_with_its_shard_or_is_skipped(run_cli, data, tmp_path):
+    """A damaged image: one-line error naming shard and offset; --skip-bad trains on."""
+    import shutil
+
+    import numpy as np
+
+    shards = tmp_path / "shards"
+    shutil.copytree(data / "shards", shards)
+    index = np.load(shards / "index.npz")
+    victim = 17
+    shard = shards / json.loads((shards / "manifest.json").read_text())["shards"][
+        int(index["image_shard"][victim])]["name"]
+    with open(shard, "r+b") as handle:  # same length, no JPEG markers left
+        handle.seek(int(index["image_offset"][victim]))
+        handle.write(b"\0" * int(index["image_size"][victim]))
+    args = ["--shards", shards, *TINY, "--epochs", "1", "--log-every", "5"]
+
+    failed = run_cli("train", "--output", tmp_path / "strict", *args, timeout=300)
+    assert failed.returncode == 2, failed.stderr
+    last = failed.stderr.strip().splitlines()[-1]
+    assert shard.name in last and str(int(index["image_offset"][victim])) in last, last
+    assert "Traceback" not in failed.stderr
+
+    skipped = run_cli("train", "--output", tmp_path / "lenient", *args, "--skip-bad",
+                      timeout=300)
+    assert skipped.returncode == 0, skipped.stderr
+    # the image is met once as identity image and maybe again as a class image
+    assert re.search(r"--skip-bad: [1-9]\d* unreadable images replaced", skipped.stderr)
+    assert (tmp_path / "lenient" / "model.pt").is_file()
+
+
+@pytest.mark.parametrize("head", ["fc", "partialfc"])
+def test_baseline_heads_train_from_identity_images_only(run_cli, data, tmp_path, head):
+    """fc and Partial FC read no class images (k=0 loader) and still train and export."""
+    run = tmp_path / head
+    done = run_cli("train", "--shards", data / "shards", "--output", run, *TINY,
+                   "--head", head, "--max-steps", "3", "--log-every", "1", timeout=300)
+    assert done.returncode == 0, done.stderr
+    records = _records(run)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["images_per_s"] == r["samples_per_s"] for r in records)  # 1 image/sample
+    assert json.loads((run / "model.json").read_text())["head"] == head

@@ -40,6 +40,9 @@ OPTIONS: tuple[Option, ...] = (
            "RUN/val, else none; 'none': no validation", group="data"),
     Option("backend", "auto", "loader backend", ("auto", "dali", "torch"), group="data"),
     Option("workers", 0, "loader decode workers (0: the loader's choice)", group="data"),
+    Option("skip_bad", False, "replace an unreadable image by another of its identity and "
+           "count it, instead of stopping with an error naming the shard and offset",
+           group="data"),
     Option("network", "r50", "feature encoder", ("r18", "r34", "r50", "r100", "r200", "mbf"),
            group="model"),
     Option("network_args", "", "extra get_model keyword arguments as a JSON object, e.g. "

@@ -128,10 +128,10 @@ class Trainer:
 
     def _loader(self, *, epoch: int, start_step: int):
         c = self.config
-        k = c["k"] if c["head"] == "attfc" else 1  # other heads ignore class images
+        k = c["k"] if c["head"] == "attfc" else 0  # other heads use no class images
         return build_loader(c["shards"], c["batch_size"], k, seed=c["seed"], epoch=epoch,
                             start_step=start_step, backend=c["backend"], device=self.device,
-                            workers=c["workers"] or None)
+                            workers=c["workers"] or None, skip_bad=c["skip_bad"])
 
     def _build_model(self) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.SGD]:
         c = self.config
@@ -194,18 +194,23 @@ class Trainer:
         early (--max-steps, a signal)."""
         c = self.config
         loader = self._loader(epoch=self.pos.epoch, start_step=self.pos.step_in_epoch)
-        with (Prefetcher(loader, c["prefetch"]) if c["prefetch"]
-              else contextlib.nullcontext(loader)) as batches:
-            for batch in batches:
-                self._train_step(batch)
-                if self.pos.step_in_epoch == self.steps_per_epoch:
-                    return True  # the caller validates and checkpoints at the epoch end
-                if c["val_every"] and self.pos.step % c["val_every"] == 0:
-                    self._validate()
-                if self.pos.step % c["ckpt_every"] == 0:
-                    self._save()
-                if stop.requested or self.pos.step >= self.last_step:
-                    return False
+        try:
+            with (Prefetcher(loader, c["prefetch"]) if c["prefetch"]
+                  else contextlib.nullcontext(loader)) as batches:
+                for batch in batches:
+                    self._train_step(batch)
+                    if self.pos.step_in_epoch == self.steps_per_epoch:
+                        return True  # the caller validates and checkpoints at the epoch end
+                    if c["val_every"] and self.pos.step % c["val_every"] == 0:
+                        self._validate()
+                    if self.pos.step % c["ckpt_every"] == 0:
+                        self._save()
+                    if stop.requested or self.pos.step >= self.last_step:
+                        return False
+        finally:
+            if loader.skipped:
+                log.warning("--skip-bad: %d unreadable images replaced by others of their "
+                            "identity in epoch %d", loader.skipped, self.pos.epoch + 1)
         return True  # a loader shorter than len() still ends the epoch
 
     def _train_step(self, batch: Any) -> None:
