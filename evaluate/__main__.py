@@ -3,6 +3,7 @@
   ijbc / ijbb          IJB 1:1 TAR@FAR and 1:N top-k, TPIR@FPIR (insightface protocol)
   lfw / cfp_fp / agedb_30   10-fold verification accuracy on an insightface .bin
   synth-ijb / synth-bin     write synthetic benchmarks in those formats (held-out people)
+  report RUN                RUN/report.md with plots and the paper-format results table
 """
 
 from __future__ import annotations
