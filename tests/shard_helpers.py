@@ -140,3 +140,11 @@ def rejected_rows(out: Path) -> dict[str, str]:
 def output_bytes(out: Path) -> dict[str, bytes]:
     """Everything a user reads from a shards dir (not the resume sidecars)."""
     return {path.name: path.read_bytes() for path in sorted(out.iterdir()) if path.is_file()}
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """Assert the CLI convention for bad input (exit 2, one stderr line, no traceback)."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]

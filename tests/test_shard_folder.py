@@ -14,6 +14,7 @@ from data_engine.reader import ShardReader
 from tests.shard_helpers import (
     jpeg,
     messy_tree,
+    one_line_error,
     output_bytes,
     read_back,
     rejected_rows,
@@ -161,21 +162,16 @@ def test_refuses_other_dataset_unless_overwrite(tree, sharded, tmp_path, run_cli
     assert result.returncode == 2 and f"root: {other} -> {tree[0]}" in result.stderr
 
 
-def _one_line_error(result) -> str:
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    return lines[0]
 
 
 def test_bad_roots_are_one_line_errors(tmp_path, run_cli):
     missing = tmp_path / "missing"
-    line = _one_line_error(run_cli(MODULE, "--src", "folder", "--root", missing,
+    line = one_line_error(run_cli(MODULE, "--src", "folder", "--root", missing,
                                    "--out", tmp_path / "o"))
     assert str(missing) in line
     empty = tmp_path / "no_images"
     (empty / "person").mkdir(parents=True)
-    line = _one_line_error(run_cli(MODULE, "--src", "folder", "--root", empty,
+    line = one_line_error(run_cli(MODULE, "--src", "folder", "--root", empty,
                                    "--out", tmp_path / "o2"))
     assert "no images found" in line and str(empty) in line
     # The failed attempt wrote no shard, so its --out still counts as empty.
@@ -188,14 +184,14 @@ def test_bad_roots_are_one_line_errors(tmp_path, run_cli):
 def test_read_only_out(tree, tmp_path, run_cli):
     """A path under sysfs is read-only even for root; a chmod 555 dir too for other users."""
     root, _ = tree
-    line = _one_line_error(run_cli(MODULE, "--src", "folder", "--root", root,
+    line = one_line_error(run_cli(MODULE, "--src", "folder", "--root", root,
                                    "--out", "/sys/attfc-shards-test"))
     assert "/sys/attfc-shards-test" in line and "cannot create" in line
     if os.geteuid() != 0:
         locked = tmp_path / "locked"
         locked.mkdir()
         locked.chmod(0o555)
-        line = _one_line_error(run_cli(MODULE, "--src", "folder", "--root", root,
+        line = one_line_error(run_cli(MODULE, "--src", "folder", "--root", root,
                                        "--out", locked))
         assert str(locked) in line and "not writable" in line
 
@@ -208,7 +204,7 @@ def test_second_run_on_same_out_is_refused(tree, tmp_path, run_cli):
     holder = os.open(out, os.O_RDONLY)
     try:
         fcntl.flock(holder, fcntl.LOCK_EX)  # what a running data_engine.shard holds
-        line = _one_line_error(run_cli(MODULE, "--src", "folder", "--root", tree[0],
+        line = one_line_error(run_cli(MODULE, "--src", "folder", "--root", tree[0],
                                        "--out", out))
         assert "being written by another" in line
     finally:

@@ -9,6 +9,7 @@ from data_engine.reader import ShardReader
 from tests.shard_helpers import (
     insightface_records,
     jpeg,
+    one_line_error,
     pil_bytes,
     read_back,
     rejected_rows,
@@ -74,11 +75,6 @@ def test_without_header_shuffled_labels(tmp_path, run_cli):
     read_back(out)
 
 
-def _error(result) -> str:
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    return lines[0]
 
 
 def test_bad_magic(tmp_path, run_cli):
@@ -87,7 +83,7 @@ def test_bad_magic(tmp_path, run_cli):
     data = bytearray(rec.read_bytes())
     data[0:4] = b"\x00\x01\x02\x03"
     rec.write_bytes(bytes(data))
-    line = _error(run_cli(MODULE, "--src", "rec", "--root", tmp_path / "rec",
+    line = one_line_error(run_cli(MODULE, "--src", "rec", "--root", tmp_path / "rec",
                           "--out", tmp_path / "out"))
     assert str(rec) in line and "bad RecordIO magic at offset 0" in line
 
@@ -98,13 +94,13 @@ def test_truncated_last_record(tmp_path, run_cli):
     rec = tmp_path / "rec" / "train.rec"
     last_offset = int((tmp_path / "rec" / "train.idx").read_text().split()[-1])
     os.truncate(rec, rec.stat().st_size - 100)
-    line = _error(run_cli(MODULE, "--src", "rec", "--root", tmp_path / "rec",
+    line = one_line_error(run_cli(MODULE, "--src", "rec", "--root", tmp_path / "rec",
                           "--out", tmp_path / "out"))
     assert str(rec) in line and f"truncated record at offset {last_offset}" in line
 
 
 def test_missing_rec_files(tmp_path, run_cli):
     (tmp_path / "rec").mkdir()
-    line = _error(run_cli(MODULE, "--src", "rec", "--root", tmp_path / "rec",
+    line = one_line_error(run_cli(MODULE, "--src", "rec", "--root", tmp_path / "rec",
                           "--out", tmp_path / "out"))
     assert "train.rec is missing" in line
