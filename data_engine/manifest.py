@@ -22,7 +22,14 @@ import numpy as np
 from common.cli import UserError
 from common.files import fsync_dir
 from data_engine.images import IMAGE_SIZE
-from data_engine.shardwriter import PARTS_DIR, TEMP_SUFFIX, ShardSummary, meta_path, write_json
+from data_engine.shardwriter import (
+    PARTS_DIR,
+    TEMP_SUFFIX,
+    ShardSummary,
+    meta_path,
+    write_atomic,
+    write_json,
+)
 from data_engine.sources import Scan
 
 FORMAT_VERSION = 1
@@ -158,7 +165,7 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
             np.lib.format.write_array(buffer, np.ascontiguousarray(array), allow_pickle=False)
             archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)),
                              buffer.getvalue())
-    _write_bytes(path, archive_bytes.getvalue())
+    write_atomic(path, archive_bytes.getvalue())
 
 
 def _tsv_field(text: str) -> str:
@@ -166,17 +173,7 @@ def _tsv_field(text: str) -> str:
 
 
 def _write_text(path: Path, text: str) -> None:
-    _write_bytes(path, text.encode("utf-8", "surrogateescape"))
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    """Durable atomic replace: temp file, fsync, rename."""
-    temp = path.with_name(f".{path.name}{TEMP_SUFFIX}")
-    with open(temp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    temp.replace(path)
+    write_atomic(path, text.encode("utf-8", "surrogateescape"))
 
 
 def write_outputs(out: Path, run: dict[str, Any], scan: Scan,

@@ -85,14 +85,19 @@ def meta_path(out: Path, shard: str) -> Path:
     return out / PARTS_DIR / f"{Path(shard).stem}.json"
 
 
-def write_json(path: Path, value: Any) -> None:
-    """Atomically replace `path` with `value` as JSON (sorted keys: deterministic bytes)."""
+def write_atomic(path: Path, data: bytes) -> None:
+    """Durable atomic replace: temp file (cleaned up by a rerun), fsync, rename."""
     temp = temp_path(path)
-    with open(temp, "w", encoding="utf-8") as handle:
-        json.dump(value, handle, sort_keys=True, separators=(",", ":"))
+    with open(temp, "wb") as handle:
+        handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temp, path)
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Atomically replace `path` with `value` as JSON (sorted keys: deterministic bytes)."""
+    write_atomic(path, json.dumps(value, sort_keys=True, separators=(",", ":")).encode())
 
 
 def write_sample(writer: TarWriter, label: int, identity: str, image_names: list[str],
