@@ -32,7 +32,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.cli import ArgumentParser, UserError, positive_int, run_cli, setup_logging
+from common.cli import ArgumentParser, positive_int, run_cli, setup_logging
+from common.errors import UserError
 from common.progress import Progress
 
 
@@ -62,7 +63,7 @@ def build_parser() -> ArgumentParser:
 # --- test data ------------------------------------------------------------------------------
 
 def _render_identity(task: tuple[Path, int]) -> int:
-    from data_engine.synthetic import encode_jpeg, render_face
+    from synthetic.faces import encode_jpeg, render_face
 
     root, identity = task
     folder = root / f"id_{identity:06d}"
@@ -88,7 +89,7 @@ def make_shards(shards: Path, identities: int, workers: int) -> None:
 
 def extract_folder(shards: Path, folder: Path) -> list[str]:
     """Write every image of the shards to folder/<label>/<n>.jpg; paths by image id."""
-    from data_engine.reader import ShardReader
+    from data_engine.loading.reader import ShardReader
 
     paths = []
     reader = ShardReader(shards)
@@ -135,7 +136,7 @@ def _cpu_seconds() -> float:
 
 def time_ours(args) -> tuple[Rate, float, str]:
     """(steady rate, seconds to the first batch, backend used) of build_loader."""
-    from data_engine.loader import build_loader
+    from data_engine.loading.loader import build_loader
 
     start = time.perf_counter()
     loader = build_loader(args.shards, args.batch_size, args.k, seed=0, backend=args.backend,
@@ -220,7 +221,7 @@ _DECODE_BYTES: list[bytes] = []
 
 
 def _load_share(shards: str, ids: np.ndarray) -> None:
-    from data_engine.reader import ShardReader
+    from data_engine.loading.reader import ShardReader
 
     reader = ShardReader(shards)
     _DECODE_BYTES[:] = [reader.read_image(int(i)) for i in ids]
@@ -270,8 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.make_shards:
             raise UserError(f"--shards {args.shards}: no shards dir (add --make-shards N)")
         make_shards(args.shards, args.make_shards, args.workers)
-    from data_engine.reader import ShardReader
-    from data_engine.sampler import EpochPlan
+    from data_engine.loading.epoch_plan import EpochPlan
+    from data_engine.loading.reader import ShardReader
 
     starts = ShardReader(args.shards).identity_start
     plan = EpochPlan(starts, args.batch_size, args.k, seed=0)

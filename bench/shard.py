@@ -1,4 +1,4 @@
-"""Sharding files/s against `tar -cf` of the same tree, in the same run (DESIGN.md §6: >= 1x).
+"""Sharding files/s against `tar -cf` of the same tree, in the same run (target >= 1x).
 
 Generates a tree of real 112x112 JPEGs (identity folders), reads it once so both sides run
 with a warm page cache (dropping the cache needs root and a quiet machine), then times

@@ -6,7 +6,7 @@ device, so the loader is out of the picture. Each (head, N) runs in its own proc
 memory is clean: CUDA ``max_memory_allocated`` on a GPU; peak RSS of the process (the Python
 and torch baseline included) on the CPU.
 
-GPU (the DESIGN §6 target, >= 4000 samples/s for attfc at N = 1M on an H100):
+GPU (the project target, >= 4000 samples/s for attfc at N = 1M on an H100):
     python bench/train_step.py --network r50 --batch-size 384 --num-classes 93000 1000000
 CPU smoke version:
     python bench/train_step.py --network mbf --batch-size 32 --steps 5 --device cpu

@@ -16,12 +16,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from common.errors import UserError
+
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-
-
-class UserError(Exception):
-    """Bad input from the user (flag, path, file content): reported in one line, exit 2."""
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from common.cli import UserError
+from common.errors import UserError
 
 
 def resolve_device(name: str = "auto") -> str:

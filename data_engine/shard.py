@@ -1,4 +1,4 @@
-"""Turn a face dataset into identity-grouped WebDataset shards (DESIGN.md §2).
+"""Turn a face dataset into identity-grouped WebDataset shards (contract: ARCHITECTURE.md).
 
 One sample per identity (key = label as 8 digits; 0000.jpg, 0001.jpg, ..., cls, json), labels
 0..N-1 in sorted identity-name order. Valid 112x112 JPEGs are stored byte for byte; other
@@ -36,10 +36,11 @@ from typing import Any
 
 from common.cli import ArgumentParser, existing_dir, positive_int, run_cli, setup_logging
 from common.progress import Progress
-from data_engine import manifest
-from data_engine.images import IMAGE_SIZE, ON_MISMATCH, VERIFY_LEVELS
-from data_engine.plan import ShardPlan, plan_shards
-from data_engine.shardwriter import (
+from data_engine import layout
+from data_engine.writing import manifest
+from data_engine.writing.images import IMAGE_SIZE, ON_MISMATCH, VERIFY_LEVELS
+from data_engine.writing.plan import ShardPlan, plan_shards
+from data_engine.writing.shardwriter import (
     ShardSummary,
     WriteOptions,
     commit_shard,
@@ -48,7 +49,7 @@ from data_engine.shardwriter import (
     relabel_shard,
     write_shard,
 )
-from data_engine.sources import SOURCES, Identity, Scan, Source, build_source
+from data_engine.writing.sources import SOURCES, Identity, Scan, Source, build_source
 
 log = logging.getLogger("data_engine.shard")
 _SCAN_PROGRESS_MIN_TASKS = 16
@@ -116,7 +117,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    return {"format_version": manifest.FORMAT_VERSION, "image_size": IMAGE_SIZE,
+    return {"format_version": layout.FORMAT_VERSION, "image_size": IMAGE_SIZE,
             "shard_size": args.shard_size, "verify": args.verify,
             "on_mismatch": args.on_mismatch}
 
@@ -168,7 +169,7 @@ def _write(source: Source, scan: Scan, plans: list[ShardPlan], out: Path,
     with ThreadPoolExecutor(2, thread_name_prefix="commit") as committer, \
             context.Pool(args.workers, initializer=init_worker,
                          initargs=(source, options, counter)) as pool:
-        existing = [plan for plan in plans if manifest.meta_exists(out, plan.name)]
+        existing = [plan for plan in plans if layout.sidecar_path(out, plan.name).is_file()]
         checks = pool.imap(finished_shard, [(out, plan) for plan in existing])
         for plan, summary in zip(existing, _counted(checks, len(existing), "checking finished",
                                                     "shards")):
@@ -178,7 +179,7 @@ def _write(source: Source, scan: Scan, plans: list[ShardPlan], out: Path,
                  sum(plan.estimated_bytes for plan in plans) / 1e6, len(plans) - len(todo),
                  len(todo))
         if todo:
-            (out / manifest.MANIFEST).unlink(missing_ok=True)  # incomplete until rewritten
+            (out / layout.MANIFEST).unlink(missing_ok=True)  # incomplete until rewritten
         jobs = [(plan, scan.identities[plan.first:plan.stop]) for plan in todo]
         if jobs:
             for summary in _write_jobs(jobs, pool, committer, counter, out):

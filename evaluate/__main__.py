@@ -19,7 +19,6 @@ import numpy as np
 
 from common.cli import (
     ArgumentParser,
-    UserError,
     add_subparsers,
     existing_dir,
     existing_file,
@@ -27,6 +26,7 @@ from common.cli import (
     run_cli,
     setup_logging,
 )
+from common.errors import UserError
 
 log = logging.getLogger("evaluate")
 

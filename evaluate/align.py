@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from common.cli import UserError
-from data_engine.synthetic import ALIGNED_SIZE, ARCFACE_TEMPLATE
+from common.alignment import ALIGNED_SIZE, ARCFACE_TEMPLATE
+from common.errors import UserError
 
 OUTSIDE_TOLERANCE = 0.1
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.cli import UserError
+from common.errors import UserError
 from common.progress import Progress
 
 log = logging.getLogger("evaluate.features")

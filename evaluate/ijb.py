@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from common.cli import UserError
+from common.errors import UserError
 from common.progress import Progress
 from evaluate import ijb_meta
 from evaluate.align import align_face
@@ -74,7 +74,7 @@ def model_features(root: Path, prefix: str, names: list[str], landmarks: np.ndar
 
 @dataclass
 class IJBResult:
-    metrics: dict  # the DESIGN §5 JSON
+    metrics: dict  # the JSON contract (ARCHITECTURE.md)
     fpr: np.ndarray
     tpr: np.ndarray
 

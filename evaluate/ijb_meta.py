@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.cli import UserError
+from common.errors import UserError
 
 GALLERIES = {"ijbc": ("G1", "G2"), "ijbb": ("S1", "S2")}
 

@@ -20,9 +20,10 @@ import numpy as np
 matplotlib.use("Agg")  # files only: the report must render on machines without a screen
 import matplotlib.pyplot as plt
 
-from common.cli import UserError
+from common.errors import UserError
+from data_engine.layout import read_manifest
 from evaluate.roc import plot_roc as plot_roc_curves
-from model.attfc import dcc_capacity
+from model.heads.attfc import dcc_capacity
 
 VERIFICATION_SETS = ("lfw", "cfp_fp", "agedb_30")
 IJB_SETS = ("ijbb", "ijbc")
@@ -138,10 +139,10 @@ def plot_roc(record: RunRecord, out_dir: Path) -> Path | None:
 
 def w_size(config: dict[str, Any]) -> int | None:
     """Class centres the head holds: N for fc and Partial FC, the DCC capacity S for AttFC."""
-    manifest = Path(config.get("shards", "")) / "manifest.json"
-    if not manifest.is_file():
+    try:
+        num_classes = read_manifest(config.get("shards", ""))["num_identities"]
+    except UserError:  # shards moved or deleted since training: the size is unknown
         return None
-    num_classes = json.loads(manifest.read_text())["num_identities"]
     if config.get("head") == "attfc":
         return dcc_capacity(num_classes, config["sample_rate"], config["batch_size"])
     return num_classes

@@ -111,7 +111,7 @@ def roc_points(fpr: np.ndarray, tpr: np.ndarray, num: int = 120) -> dict[str, li
 
 
 def far_key(far: float) -> str:
-    """JSON key of a FAR as in DESIGN §5: Python's repr of the float (1e-06, 0.0001, 0.1)."""
+    """JSON key of a FAR (ARCHITECTURE.md, JSON outputs): repr of the float (1e-06, 0.1)."""
     return repr(float(far))
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.cli import UserError
+from common.errors import UserError
 
 log = logging.getLogger("evaluate.search")
 

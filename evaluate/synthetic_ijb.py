@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from common.progress import Progress
-from data_engine.synthetic import encode_jpeg, render_face
 from evaluate.ijb_meta import GALLERIES, meta_path
 from evaluate.verification import write_bin
+from synthetic.faces import encode_jpeg, render_face
 
 QUALITY_SCORE = {"good": (0.95, 1.0)}  # detector confidence range per rendered quality
 DEGRADED_SCORE = (0.5, 0.9)

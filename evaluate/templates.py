@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.cli import UserError
+from common.errors import UserError
 
 CHUNK_ROWS = 32768  # float64 scratch of CHUNK_ROWS x D, reused for every chunk
 MAX_LOOKUP_ID = 50_000_000  # template ids up to this use a lookup table, else a binary search

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.cli import UserError
+from common.errors import UserError
 from common.progress import Progress
 
 IMAGE_SIZE = 112

@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from model.names import MARGINS
+
 # acos has an infinite slope at ±1; clamping keeps forward and backward finite.
 _COS_EPS = 1e-6
 
@@ -51,13 +53,14 @@ class CombinedMargin(nn.Module):
             return psi * self.scale
 
 
-def build_margin(name: str = "arcface", s: float = 64.0, m: float = 0.5, m1: float = 1.0,
-                 m2: float = 0.5, m3: float = 0.0) -> CombinedMargin:
-    """``arcface`` uses (1, m, 0), ``cosface`` (1, 0, m), ``combined`` (m1, m2, m3)."""
-    if name == "arcface":
-        return CombinedMargin(s, 1.0, m, 0.0)
-    if name == "cosface":
-        return CombinedMargin(s, 1.0, 0.0, m)
-    if name == "combined":
-        return CombinedMargin(s, m1, m2, m3)
-    raise ValueError(f"unknown margin {name!r}: expected arcface, cosface or combined")
+_FORMS = dict(zip(MARGINS, (lambda m: (1.0, m, 0.0),  # arcface: angular margin m
+                            lambda m: (1.0, 0.0, m)),  # cosface: additive cosine margin m
+                  strict=True))
+
+
+def build_margin(name: str = "arcface", s: float = 64.0, m: float = 0.5) -> CombinedMargin:
+    """A named margin (arcface: (1, m, 0); cosface: (1, 0, m)); other (m1, m2, m3) forms are
+    built with :class:`CombinedMargin` directly."""
+    if name not in _FORMS:
+        raise ValueError(f"unknown margin {name!r}: expected one of {', '.join(MARGINS)}")
+    return CombinedMargin(s, *_FORMS[name](m))

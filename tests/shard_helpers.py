@@ -102,7 +102,7 @@ def insightface_records(groups: list[list[bytes]]) -> list[tuple[int, float | li
 
 def read_back(out: Path) -> dict:
     """Read every shard with webdataset, tarfile and tar -tf; check they agree and the
-    DESIGN.md §2 layout; return {label: sample dict} from webdataset."""
+    shards layout of ARCHITECTURE.md; return {label: sample dict} from webdataset."""
     manifest = json.loads((out / "manifest.json").read_text())
     shards = [str(out / shard["name"]) for shard in manifest["shards"]]
     samples = {}

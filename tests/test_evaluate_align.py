@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.cli import UserError
-from data_engine.synthetic import ARCFACE_TEMPLATE, render_face
+from common.alignment import ARCFACE_TEMPLATE
+from common.errors import UserError
 from evaluate.align import align_face, similarity_transform
+from synthetic.faces import render_face
 
 
 def _similar_points(angle: float, scale: float, shift: tuple[float, float]) -> np.ndarray:

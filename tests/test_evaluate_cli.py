@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-DESIGN_KEYS = {"tar_at_far", "top1", "top5", "top10", "tpir_at_fpir"}
+CONTRACT_KEYS = {"tar_at_far", "top1", "top5", "top10", "tpir_at_fpir"}
 FAR_KEYS = ["1e-06", "1e-05", "0.0001", "0.001", "0.01", "0.1"]
 
 
@@ -54,7 +54,7 @@ def test_ijbc_end_to_end_with_model_then_features(run_cli, synth_ijb, random_mod
     assert result.returncode == 0, result.stderr
     assert "TAR (%) @ FAR" in result.stdout and "OPEN SET" in result.stdout
     metrics = json.loads(out.read_text())
-    assert set(metrics) == DESIGN_KEYS | {"open_set", "roc"}
+    assert set(metrics) == CONTRACT_KEYS | {"open_set", "roc"}
     roc = metrics["roc"]  # the curve for `evaluate report`, consistent with tar_at_far
     assert len(roc["fpr"]) == len(roc["tpr"]) and roc["fpr"][0] == 1e-6
     assert roc["tpr"] == sorted(roc["tpr"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from common.cli import UserError
+from common.errors import UserError
 from evaluate.features import cached_features, extract_features, load_backbone
 from model.backbones import get_model
 

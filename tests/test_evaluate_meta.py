@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.cli import UserError
+from common.errors import UserError
 from evaluate import ijb_meta
 
 

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from common.cli import UserError
+from common.errors import UserError
 from evaluate import ijb
 from evaluate.pairs import pair_scores
 from evaluate.roc import roc_curve, tar_at_far

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.cli import UserError
+from common.errors import UserError
 from evaluate.verification import evaluate_embeddings, load_bin, read_bin, write_bin
 
 

@@ -10,15 +10,16 @@ import psutil
 import pytest
 import torch
 
-from data_engine.loader import DataError, build_loader
-from data_engine.reader import ShardReader
-from data_engine.sampler import (
+from data_engine.loading.epoch_plan import (
     EpochPlan,
     labels_from_starts,
     same_identity_pair_rate,
     uniform_pair_rate,
 )
-from data_engine.synthetic import encode_jpeg, render_face
+from data_engine.loading.image_source import DataError
+from data_engine.loading.loader import build_loader
+from data_engine.loading.reader import ShardReader
+from synthetic.faces import encode_jpeg, render_face
 from tests.conftest import run_module
 
 # Image counts per identity, k=2: alone, fewer than k others, exactly k, more than k.
@@ -168,8 +169,8 @@ def test_dali_cpu_and_torch_agree(shards: Path) -> None:
 
 
 def test_backend_choice() -> None:
-    from common.cli import UserError
-    from data_engine.loader import resolve_backend
+    from common.errors import UserError
+    from data_engine.loading.loader import resolve_backend
 
     assert resolve_backend("auto", "cpu") == "torch"  # DALI's CPU decode costs more per image
     assert resolve_backend("torch", "cuda") == "torch"
@@ -225,7 +226,7 @@ def test_dali_decoder_failure_is_located(shards: Path, tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Data that passes the cheap checks but fails in DALI's decoder is named, or skipped."""
     pytest.importorskip("nvidia.dali")
-    from data_engine.loader import ImageSource
+    from data_engine.loading.image_source import ImageSource
 
     _make_tree(tmp_path / "tree", COUNTS[:6], cut=(5, 2))
     cut = _shard(tmp_path / "tree", tmp_path / "shards", "--verify", "none")

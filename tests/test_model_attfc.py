@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.attfc import (
+from model.heads import build_head
+from model.heads.attfc import (
     DynamicClassContainer,
     attention_weights,
     dcc_capacity,
     generate_gcc,
 )
-from model.heads import build_head
 from model.margins import build_margin
 
 E = math.e
@@ -28,7 +28,7 @@ def test_attention_weights_and_gcc_eq8_eq9() -> None:
     a1, a2 = E / (E + 1), 1 / (E + 1)
     torch.testing.assert_close(attention_weights(f, K), torch.tensor([[a1, a2]]))
     # w⁺ = α1·K1 + α2·K2 = [0.731059, 2·0.268941]: K is used as is (not normalised), Eq. 9
-    torch.testing.assert_close(generate_gcc(f, K), torch.tensor([[a1, 2 * a2]]))
+    torch.testing.assert_close(generate_gcc(f, K)[0], torch.tensor([[a1, 2 * a2]]))
 
 
 def test_attention_three_dims() -> None:
@@ -39,14 +39,14 @@ def test_attention_three_dims() -> None:
     alpha = [x / sum(e) for x in e]
     torch.testing.assert_close(attention_weights(f, K), torch.tensor([alpha]))
     expected = [alpha[0] + 2 * alpha[2], 2 * alpha[2], 3 * alpha[1]]
-    torch.testing.assert_close(generate_gcc(f, K), torch.tensor([expected]))
+    torch.testing.assert_close(generate_gcc(f, K)[0], torch.tensor([expected]))
 
 
 def test_constant_and_single_strategies() -> None:
     f = torch.tensor([[1.0, 0.0]])
     K = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])
-    torch.testing.assert_close(generate_gcc(f, K, "constant"), torch.tensor([[0.5, 1.0]]))
-    torch.testing.assert_close(generate_gcc(f, K, "single"), torch.tensor([[1.0, 0.0]]))
+    torch.testing.assert_close(generate_gcc(f, K, "constant")[0], torch.tensor([[0.5, 1.0]]))
+    torch.testing.assert_close(generate_gcc(f, K, "single")[0], torch.tensor([[1.0, 0.0]]))
     with pytest.raises(ValueError, match="strategy"):
         generate_gcc(f, K, "median")
 

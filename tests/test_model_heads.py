@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.dcc_ce import masked_dcc_cross_entropy
 from model.heads import HEADS, HeadOutput, build_head
+from model.heads.dcc_ce import masked_dcc_cross_entropy
 from model.margins import build_margin
 
 

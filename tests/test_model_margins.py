@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from model.margins import build_margin
+from model.margins import CombinedMargin, build_margin
 
 
 def _at(margin, theta: float) -> float:
@@ -27,10 +27,10 @@ def test_cosface_value() -> None:
 
 def test_combined_value() -> None:
     # θ = π/2, (m1, m2, m3) = (1, 0.3, 0.2): cos(π/2 + 0.3) − 0.2 = −sin 0.3 − 0.2 = −0.495520
-    margin = build_margin("combined", s=10.0, m1=1.0, m2=0.3, m3=0.2)
+    margin = CombinedMargin(10.0, 1.0, 0.3, 0.2)
     assert _at(margin, math.pi / 2) == pytest.approx(-4.95520, abs=1e-4)
     # m1 = 2: cos(2·π/4 + 0.3) − 0.2 = −0.495520 as well
-    margin2 = build_margin("combined", s=10.0, m1=2.0, m2=0.3, m3=0.2)
+    margin2 = CombinedMargin(10.0, 2.0, 0.3, 0.2)
     assert _at(margin2, math.pi / 4) == pytest.approx(-4.95520, abs=1e-4)
 
 
@@ -45,9 +45,10 @@ def test_arcface_fallback_past_pi_is_monotone_and_continuous() -> None:
     assert _at(margin, math.pi - 0.5 + 1e-4) == pytest.approx(-1.0, abs=1e-3)
 
 
-@pytest.mark.parametrize("name", ["arcface", "cosface", "combined"])
-def test_finite_values_and_gradients_at_the_poles(name: str) -> None:
-    margin = build_margin(name, m=0.5, m1=1.2, m2=0.3, m3=0.1)
+@pytest.mark.parametrize("margin", [build_margin("arcface", m=0.5), build_margin("cosface", m=0.5),
+                                    CombinedMargin(64.0, 1.2, 0.3, 0.1)],
+                         ids=["arcface", "cosface", "combined"])
+def test_finite_values_and_gradients_at_the_poles(margin: CombinedMargin) -> None:
     cos = torch.tensor([1.0, 1.0 - 1e-9, 0.9999999, -1.0, -1.0 + 1e-9, -0.9999999, 0.0],
                        requires_grad=True)
     out = margin(cos)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from data_engine.reader import ShardReader
+from data_engine.loading.reader import ShardReader
 from tests.shard_helpers import (
     jpeg,
     messy_tree,
@@ -212,7 +212,7 @@ def test_second_run_on_same_out_is_refused(tree, tmp_path, run_cli):
 
 
 def test_reader_rejects_missing_or_inconsistent_dirs(sharded, tmp_path):
-    from common.cli import UserError
+    from common.errors import UserError
 
     with pytest.raises(UserError, match=r"no manifest\.json"):
         ShardReader(tmp_path)

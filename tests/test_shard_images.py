@@ -1,4 +1,4 @@
-"""JPEG checks and conversion (data_engine.images) and the deterministic tar writer."""
+"""JPEG checks and conversion (data_engine.writing.images) and the deterministic tar writer."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import tarfile
 import pytest
 from PIL import Image
 
-from data_engine.images import RejectedImageError, jpeg_info, prepare
-from data_engine.tarwriter import TarWriter
+from data_engine.writing.images import RejectedImageError, jpeg_info, prepare
+from data_engine.writing.tarwriter import TarWriter
 from tests.shard_helpers import jpeg, pil_bytes
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from data_engine.reader import ShardReader
+from data_engine.loading.reader import ShardReader
 from tests.shard_helpers import (
     insightface_records,
     jpeg,

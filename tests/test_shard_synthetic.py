@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from data_engine.synthetic import encode_jpeg, identity_name, render_face
+from synthetic.faces import encode_jpeg, identity_name, render_face
 from tests.shard_helpers import output_bytes, read_back
 
 MODULE = "data_engine.shard"

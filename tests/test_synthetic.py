@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import simplejpeg
 
-from data_engine.synthetic import (
-    ARCFACE_TEMPLATE,
+from common.alignment import ARCFACE_TEMPLATE
+from synthetic.faces import (
     SyntheticFace,
     encode_jpeg,
     identity_name,

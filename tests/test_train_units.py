@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.cli import UserError
+from common.errors import UserError
 from train import checkpoint as ckpt
 from train.__main__ import build_parser
 from train.config import DEFAULTS, load_toml, resolve, to_toml

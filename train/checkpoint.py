@@ -10,17 +10,15 @@ Everything stored is tensors or plain Python values, so loading uses
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from common.files import fsync_dir
+from common.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -29,19 +27,7 @@ _NAME = re.compile(r"^step-(\d{9})\.pt$")
 
 def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` that leaves either the old file or the complete new one, never half."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            os.fchmod(file.fileno(), 0o644)  # mkstemp's 0600 would hide models from others
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    write_atomic(Path(path), lambda file: torch.save(obj, file))
 
 
 def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int) -> Path:

@@ -13,7 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.cli import ArgumentParser, UserError
+from common.cli import ArgumentParser
+from common.errors import UserError
+from data_engine.loading.loader import BACKENDS
+from model.names import HEADS, MARGINS, NETWORKS, STRATEGIES
 
 
 @dataclass(frozen=True)
@@ -38,26 +41,24 @@ OPTIONS: tuple[Option, ...] = (
     Option("val", "auto", "directory of insightface .bin verification sets (lfw.bin, ...) "
            "to validate on; 'auto': for synthetic shards a held-out synthetic set written to "
            "RUN/val, else none; 'none': no validation", group="data"),
-    Option("backend", "auto", "loader backend", ("auto", "dali", "torch"), group="data"),
+    Option("backend", "auto", "loader backend", BACKENDS, group="data"),
     Option("workers", 0, "loader decode workers (0: the loader's choice)", group="data"),
     Option("skip_bad", False, "replace an unreadable image by another of its identity and "
            "count it, instead of stopping with an error naming the shard and offset",
            group="data"),
-    Option("network", "r50", "feature encoder", ("r18", "r34", "r50", "r100", "r200", "mbf"),
-           group="model"),
+    Option("network", "r50", "feature encoder", NETWORKS, group="model"),
     Option("network_args", "", "extra get_model keyword arguments as a JSON object, e.g. "
            "'{\"blocks\": [1, 1, 1, 1], \"scale\": 1}' for a tiny mbf (tests); saved in "
            "model.json", group="model"),
     Option("embedding_size", 512, "feature dimension D", group="model"),
-    Option("head", "attfc", "classification head", ("attfc", "fc", "partialfc"),
-           group="model"),
+    Option("head", "attfc", "classification head", HEADS, group="model"),
     Option("sample_rate", 0.3, "attfc: DCC size ratio r (S = r*N); partialfc: sampling rate",
            group="model"),
     Option("k", 2, "attfc: class images per identity image", group="model"),
     Option("gamma", 0.999, "attfc: class-encoder momentum (Eq. 12)", group="model"),
     Option("strategy", "attention", "attfc: how class features make the class centre",
-           ("attention", "constant", "single"), group="model"),
-    Option("margin", "arcface", "margin loss", ("arcface", "cosface"), group="model"),
+           STRATEGIES, group="model"),
+    Option("margin", "arcface", "margin loss", MARGINS, group="model"),
     Option("margin_s", 64.0, "margin scale s", group="model"),
     Option("margin_m", 0.5, "margin m (arcface: angular, 0.5; cosface: additive, usually "
            "0.4)", group="model"),

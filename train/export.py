@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.cli import ArgumentParser, UserError, existing_file, run_cli, setup_logging
+from common.cli import ArgumentParser, existing_file, run_cli, setup_logging
+from common.errors import UserError
 from evaluate.features import load_backbone
 
 log = logging.getLogger("train.export")

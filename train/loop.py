@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.cli import UserError
 from common.device import resolve_device
+from common.errors import UserError
 from common.progress import Progress
 from data_engine import build_loader
 from model.backbones import get_model
-from model.heads import build_head
+from model.heads import build_head, head_class
 from model.margins import build_margin
 from train.checkpoint import (
     atomic_save,
@@ -128,7 +128,7 @@ class Trainer:
 
     def _loader(self, *, epoch: int, start_step: int):
         c = self.config
-        k = c["k"] if c["head"] == "attfc" else 0  # other heads use no class images
+        k = c["k"] if head_class(c["head"]).needs_class_images else 0
         return build_loader(c["shards"], c["batch_size"], k, seed=c["seed"], epoch=epoch,
                             start_step=start_step, backend=c["backend"], device=self.device,
                             workers=c["workers"] or None, skip_bad=c["skip_bad"])
@@ -148,7 +148,7 @@ class Trainer:
         head = build_head(c["head"], num_classes=self.num_classes,
                           embedding_size=c["embedding_size"], batch_size=c["batch_size"],
                           margin=margin,
-                          feature_encoder=backbone if c["head"] == "attfc" else None,
+                          feature_encoder=backbone,
                           sample_rate=c["sample_rate"], k=c["k"], momentum=c["gamma"],
                           strategy=c["strategy"]).to(self.device)
         params = [p for module in (backbone, head) for p in module.parameters()

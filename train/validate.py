@@ -6,14 +6,14 @@ training are the numbers ``python -m evaluate`` reports for the same weights.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 from torch import nn
 
-from common.cli import UserError
+from common.errors import UserError
+from data_engine.layout import read_manifest
 from evaluate.features import extract_features
 from evaluate.synthetic_ijb import write_synthetic_bin
 from evaluate.verification import evaluate_embeddings, load_bin
@@ -29,7 +29,7 @@ def synthetic_heldout(shards_dir: Path, run_dir: Path, *, identities: int = 300,
     the training set's count upwards are unseen people: a real held-out test. None for
     other sources (pass their lfw/cfp_fp/agedb_30 .bin files with --val).
     """
-    manifest = json.loads((shards_dir / "manifest.json").read_text())
+    manifest = read_manifest(shards_dir)
     if manifest.get("source") != "synthetic":
         return None
     info = manifest.get("source_info", {})

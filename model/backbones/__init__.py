@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
 
 from model.backbones.iresnet import iresnet
 from model.backbones.mobilefacenet import MobileFaceNet
+from model.names import NETWORKS
 
+# rNN is the iResNet of depth NN; mbf is MobileFaceNet.
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
-    "r18": lambda **kw: iresnet(18, **kw),
-    "r34": lambda **kw: iresnet(34, **kw),
-    "r50": lambda **kw: iresnet(50, **kw),
-    "r100": lambda **kw: iresnet(100, **kw),
-    "r200": lambda **kw: iresnet(200, **kw),
-    "mbf": lambda **kw: MobileFaceNet(**kw),
-}
-
-NETWORKS: tuple[str, ...] = tuple(_REGISTRY)
+    name: (MobileFaceNet if name == "mbf" else partial(iresnet, int(name[1:])))
+    for name in NETWORKS}
 
 
 def get_model(name: str, embedding_size: int = 512, **kwargs) -> nn.Module:

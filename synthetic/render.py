@@ -13,7 +13,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageFilter
 
-from data_engine.synthetic_params import Identity, Shot
+from synthetic.params import Person, Shot
 
 TEMPLATE_CENTER = (56.0, 60.0)
 _YAW_SHIFT = np.array([3.0, 3.0, 5.0, 3.0, 3.0])  # how far each landmark moves per unit yaw
@@ -111,7 +111,7 @@ class Canvas:
         return unit_clip(u)
 
 
-def feature_points(person: Identity, shot: Shot) -> np.ndarray:
+def feature_points(person: Person, shot: Shot) -> np.ndarray:
     """Canonical 5 landmarks of this person in this shot (before the pose transform)."""
     ex, ey = person.eye_offset
     mx, my = person.mouth_offset
@@ -127,7 +127,7 @@ def feature_points(person: Identity, shot: Shot) -> np.ndarray:
     return points
 
 
-def paint_face(canvas: Canvas, person: Identity, shot: Shot, points: np.ndarray) -> None:
+def paint_face(canvas: Canvas, person: Person, shot: Shot, points: np.ndarray) -> None:
     """Draw background, body, head and inner features, back to front."""
     _paint_background(canvas, shot)
     _paint_body(canvas, person, shot)
@@ -147,7 +147,7 @@ def paint_face(canvas: Canvas, person: Identity, shot: Shot, points: np.ndarray)
     _paint_occluder(canvas, person, shot, points)
 
 
-def _glasses(person: Identity, shot: Shot) -> object | None:
+def _glasses(person: Person, shot: Shot) -> object | None:
     """Frame colour if glasses are worn in this shot: mostly, not always, by their owners."""
     if person.glasses is not None:
         return person.glasses if shot.glasses_roll < 0.8 else None
@@ -161,7 +161,7 @@ def _paint_background(canvas: Canvas, shot: Shot) -> None:
     canvas.image += np.asarray(shot.background, np.float32)[:, None, None]
 
 
-def _paint_body(canvas: Canvas, person: Identity, shot: Shot) -> None:
+def _paint_body(canvas: Canvas, person: Person, shot: Shot) -> None:
     win = canvas.window(56.0, 150.0, 75.0)
     canvas.paint(win, canvas.ellipse(win, 56.0, 150.0, 72.0, 40.0), shot.clothing)
     neck = canvas.window(56.0, 108.0, 26.0)
@@ -169,7 +169,7 @@ def _paint_body(canvas: Canvas, person: Identity, shot: Shot) -> None:
     canvas.paint(neck, canvas.ellipse(neck, 56.0, 108.0, person.face_ax * 0.55, 25.0), neck_color)
 
 
-def _paint_hair_back(canvas: Canvas, person: Identity, face_x: float) -> None:
+def _paint_hair_back(canvas: Canvas, person: Person, face_x: float) -> None:
     ax = person.face_ax + person.hair_volume
     ay = person.face_ay + 0.8 * person.hair_volume
     cy = person.face_center_y - 4.0
@@ -180,7 +180,7 @@ def _paint_hair_back(canvas: Canvas, person: Identity, face_x: float) -> None:
         canvas.paint(win, canvas.ellipse(win, face_x, cy + 30.0, ax + 2.0, ay * 0.85), person.hair)
 
 
-def _paint_ears(canvas: Canvas, person: Identity, face_x: float, points: np.ndarray) -> None:
+def _paint_ears(canvas: Canvas, person: Person, face_x: float, points: np.ndarray) -> None:
     ear_y = 0.5 * (points[0, 1] + points[1, 1]) + 7.0
     ax, ay = person.ear_size
     color = np.asarray(person.skin) * 0.9
@@ -190,7 +190,7 @@ def _paint_ears(canvas: Canvas, person: Identity, face_x: float, points: np.ndar
         canvas.paint(win, canvas.ellipse(win, cx, ear_y, ax, ay), color)
 
 
-def _head_coverage(canvas: Canvas, person: Identity, face_x: float, win: Window
+def _head_coverage(canvas: Canvas, person: Person, face_x: float, win: Window
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Head coverage with an identity-specific jaw taper, and the normalised radius."""
     X, Y = canvas.grid(win)
@@ -203,7 +203,7 @@ def _head_coverage(canvas: Canvas, person: Identity, face_x: float, win: Window
     return canvas.edge((r - 1.0) * person.face_ax), r
 
 
-def _paint_head(canvas: Canvas, person: Identity, shot: Shot, face_x: float,
+def _paint_head(canvas: Canvas, person: Person, shot: Shot, face_x: float,
                 points: np.ndarray) -> None:
     win = canvas.window(face_x, person.face_center_y, max(person.face_ax, person.face_ay) + 2)
     alpha, r = _head_coverage(canvas, person, face_x, win)
@@ -224,7 +224,7 @@ def _paint_head(canvas: Canvas, person: Identity, shot: Shot, face_x: float,
         canvas.paint(win, alpha * canvas.edge(Y - hairline), person.hair)
 
 
-def _paint_brow(canvas: Canvas, person: Identity, shot: Shot, side: float,
+def _paint_brow(canvas: Canvas, person: Person, shot: Shot, side: float,
                 eye: np.ndarray) -> None:
     half = 0.5 * person.brow_length
     bx = eye[0] + 1.5 * side
@@ -239,7 +239,7 @@ def _paint_brow(canvas: Canvas, person: Identity, shot: Shot, side: float,
     canvas.paint(win, alpha, person.brow_color)
 
 
-def _paint_eye(canvas: Canvas, person: Identity, shot: Shot, side: float,
+def _paint_eye(canvas: Canvas, person: Person, shot: Shot, side: float,
                eye: np.ndarray) -> None:
     ax, ay = person.eye_size
     ay *= shot.eye_open
@@ -257,7 +257,7 @@ def _paint_eye(canvas: Canvas, person: Identity, shot: Shot, side: float,
     canvas.paint(win, lash, (30, 22, 20))
 
 
-def _paint_nose(canvas: Canvas, person: Identity, points: np.ndarray) -> None:
+def _paint_nose(canvas: Canvas, person: Person, points: np.ndarray) -> None:
     nx, ny = points[2]
     eye_y = 0.5 * (points[0, 1] + points[1, 1])
     skin = np.asarray(person.skin)
@@ -275,7 +275,7 @@ def _paint_nose(canvas: Canvas, person: Identity, points: np.ndarray) -> None:
         canvas.paint(win, nostril, skin * 0.35)
 
 
-def _paint_mouth(canvas: Canvas, person: Identity, shot: Shot, points: np.ndarray) -> None:
+def _paint_mouth(canvas: Canvas, person: Person, shot: Shot, points: np.ndarray) -> None:
     left, right = points[3], points[4]
     half = 0.5 * (right[0] - left[0])
     mx, my = 0.5 * (left + right)
@@ -296,7 +296,7 @@ def _paint_mouth(canvas: Canvas, person: Identity, shot: Shot, points: np.ndarra
     canvas.paint(win, seam, (55.0, 25.0, 28.0))
 
 
-def _paint_glasses(canvas: Canvas, person: Identity, points: np.ndarray, color: object,
+def _paint_glasses(canvas: Canvas, person: Person, points: np.ndarray, color: object,
                    filled: bool) -> None:
     """Spectacle frames (identity) or dark sunglasses (an occluder) around both eyes."""
     ax, ay = person.eye_size[0] + 4.5, 6.5
@@ -313,7 +313,7 @@ def _paint_glasses(canvas: Canvas, person: Identity, points: np.ndarray, color: 
     canvas.paint(win, bridge, color)
 
 
-def _paint_occluder(canvas: Canvas, person: Identity, shot: Shot, points: np.ndarray) -> None:
+def _paint_occluder(canvas: Canvas, person: Person, shot: Shot, points: np.ndarray) -> None:
     if shot.occluder == "sunglasses":
         _paint_glasses(canvas, person, points, (18.0, 18.0, 22.0), filled=True)
         return

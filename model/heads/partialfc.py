@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.head_output import HeadOutput
-from model.margin_ce import margin_cross_entropy
+from model.heads.interface import HeadOutput
+from model.heads.margin_ce import margin_cross_entropy
 from model.margins import CombinedMargin
 
 

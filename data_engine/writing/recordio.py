@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.cli import UserError
+from common.errors import UserError
 
 MAGIC = 0xCED7230A
 _LENGTH_MASK = (1 << 29) - 1

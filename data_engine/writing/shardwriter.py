@@ -19,13 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from data_engine.images import RejectedImageError, prepare
-from data_engine.plan import ShardPlan
-from data_engine.sources import Identity, Source
-from data_engine.tarwriter import TarWriter
-
-PARTS_DIR = "parts"
-TEMP_SUFFIX = ".tmp"
+from common.files import temp_path, write_atomic
+from data_engine.layout import sidecar_path
+from data_engine.writing.images import RejectedImageError, prepare
+from data_engine.writing.plan import ShardPlan
+from data_engine.writing.sources import Identity, Source
+from data_engine.writing.tarwriter import TarWriter
 
 Meta = dict[str, Any]
 
@@ -77,24 +76,6 @@ def init_worker(source: Source | None, options: WriteOptions | None,
     _worker.update(source=source, options=options, counter=counter)
 
 
-def temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}{TEMP_SUFFIX}")
-
-
-def meta_path(out: Path, shard: str) -> Path:
-    return out / PARTS_DIR / f"{Path(shard).stem}.json"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Durable atomic replace: temp file (cleaned up by a rerun), fsync, rename."""
-    temp = temp_path(path)
-    with open(temp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
-
-
 def write_json(path: Path, value: Any) -> None:
     """Atomically replace `path` with `value` as JSON (sorted keys: deterministic bytes)."""
     write_atomic(path, json.dumps(value, sort_keys=True, separators=(",", ":")).encode())
@@ -121,7 +102,7 @@ def commit_shard(out: Path, meta: Meta) -> ShardSummary:
     finally:
         os.close(fd)
     os.replace(temp, final)
-    write_json(meta_path(out, meta["name"]), meta)
+    write_json(sidecar_path(out, meta["name"]), meta)
     return summarize(meta)
 
 
@@ -174,7 +155,7 @@ def write_shard(job: tuple[ShardPlan, list[Identity]]) -> Meta:
 def relabel_shard(out: Path, name: str, label_base: int) -> ShardSummary:
     """Rewrite a finished shard with labels from `label_base` (after an earlier shard lost
     an identity whose images were all rejected); image bytes are copied, not re-checked."""
-    meta = json.loads(meta_path(out, name).read_text(encoding="utf-8"))
+    meta = json.loads(sidecar_path(out, name).read_text(encoding="utf-8"))
     final = out / name
     writer = TarWriter(temp_path(final))
     new = {**meta, "label_base": label_base, "samples": []}
@@ -205,7 +186,7 @@ def finished_shard(job: tuple[Path, ShardPlan]) -> ShardSummary | None:
     """The summary of a shard that is complete and intact for this plan, else None."""
     out, plan = job
     try:
-        with open(meta_path(out, plan.name), encoding="utf-8") as handle:
+        with open(sidecar_path(out, plan.name), encoding="utf-8") as handle:
             meta = json.load(handle)
         shard = out / plan.name
         if (meta.get("plan_hash") != plan.plan_hash

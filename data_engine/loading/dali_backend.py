@@ -22,9 +22,10 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
-from data_engine.decode_torch import decode_into
-from data_engine.loader import Batch, ImageSource, batch_from_pixels
-from data_engine.sampler import EpochPlan, StepPlan
+from data_engine.loading.batch import Batch, batch_from_pixels
+from data_engine.loading.cpu_decode import decode_into
+from data_engine.loading.epoch_plan import EpochPlan, StepPlan
+from data_engine.loading.image_source import ImageSource
 
 
 class _Feeder:

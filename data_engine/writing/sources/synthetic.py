@@ -1,12 +1,12 @@
-"""Procedural identities rendered on the fly in the workers (data_engine.synthetic)."""
+"""Procedural identities rendered on the fly in the workers (synthetic.faces)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Any
 
-from data_engine.sources.base import Identity, Imap, Scan, Source, SourceFile
-from data_engine.synthetic import encode_jpeg, identity_name, render_face
+from data_engine.writing.sources.base import Identity, Imap, Scan, Source, SourceFile
+from synthetic.faces import encode_jpeg, identity_name, render_face
 
 # Planning needs a size before anything is rendered; a 112x112 q90 face JPEG is ~3-5 kB.
 _ESTIMATED_JPEG_BYTES = 4500

@@ -10,16 +10,13 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from data_engine.sources import Identity
-from data_engine.tarwriter import BLOCK
+from data_engine.layout import shard_name
+from data_engine.writing.sources import Identity
+from data_engine.writing.tarwriter import BLOCK
 
 # Per sample: a tar header per image plus average block padding, and the cls/json members.
 _PER_IMAGE_OVERHEAD = BLOCK + BLOCK // 2
 _PER_SAMPLE_OVERHEAD = 4 * BLOCK
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:06d}.tar"
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ _IRIS = np.array([[70, 45, 25], [35, 25, 20], [70, 110, 160], [80, 120, 70],
 
 
 @dataclass(frozen=True)
-class Identity:
+class Person:
     """Appearance of one synthetic person: geometry, colours and skin marks."""
 
     skin: Color
@@ -103,9 +103,9 @@ class Shot:
     damage: float  # blur radius, low-res factor, or noise sigma, in template pixels
 
 
-_NUMERIC_TRAITS = tuple(f.name for f in fields(Identity)
+_NUMERIC_TRAITS = tuple(f.name for f in fields(Person)
                         if f.type in ("float", "Color", "tuple[float, float]"))
-_COLOR_TRAITS = tuple(f.name for f in fields(Identity) if f.type == "Color")
+_COLOR_TRAITS = tuple(f.name for f in fields(Person) if f.type == "Color")
 
 
 def _color(rng: np.random.Generator, base: np.ndarray, jitter: float) -> Color:
@@ -113,7 +113,7 @@ def _color(rng: np.random.Generator, base: np.ndarray, jitter: float) -> Color:
     return (float(c[0]), float(c[1]), float(c[2]))
 
 
-def sample_identity(rng: np.random.Generator) -> Identity:
+def sample_person(rng: np.random.Generator) -> Person:
     """Draw a person; every field that tells people apart comes from here."""
     skin = _color(rng, _LIGHT_SKIN + rng.beta(1.6, 2.2) * (_DARK_SKIN - _LIGHT_SKIN), 6.0)
     hair_base = _HAIR[rng.integers(len(_HAIR))]
@@ -128,7 +128,7 @@ def sample_identity(rng: np.random.Generator) -> Identity:
         for _ in range(rng.integers(0, 4))
     )
     has_glasses = rng.random() < 0.15
-    return Identity(
+    return Person(
         skin=skin,
         face_center_y=float(rng.uniform(57, 64)),
         face_ax=float(rng.uniform(34, 43)),
@@ -165,7 +165,7 @@ def sample_identity(rng: np.random.Generator) -> Identity:
     )
 
 
-def blend_family(family: Identity, own: Identity) -> Identity:
+def blend_family(family: Person, own: Person) -> Person:
     """Pull an individual's numeric traits towards their family's; keep discrete ones."""
     theirs = _traits(family, _NUMERIC_TRAITS)
     mine = _traits(own, _NUMERIC_TRAITS)
@@ -180,14 +180,14 @@ _DRIFTING_TRAITS = tuple(name for name in _NUMERIC_TRAITS if name != "beard")
 @lru_cache(maxsize=1)
 def _drift_sigma() -> np.ndarray:
     """Per-photo drift of each drifting trait (flattened): a share of its population spread."""
-    people = [sample_identity(np.random.default_rng([0x5B8E, k])) for k in range(400)]
+    people = [sample_person(np.random.default_rng([0x5B8E, k])) for k in range(400)]
     share = [np.full(np.size(getattr(people[0], name)),
                      _COLOR_DRIFT if name in _COLOR_TRAITS else SHOT_DRIFT)
              for name in _DRIFTING_TRAITS]
     return np.std([_traits(p, _DRIFTING_TRAITS) for p in people], axis=0) * np.hstack(share)
 
 
-def drift_identity(person: Identity, rng: np.random.Generator) -> Identity:
+def drift_person(person: Person, rng: np.random.Generator) -> Person:
     """How this person looks in one photo: every numeric trait nudged a little."""
     sigma = _drift_sigma()
     moved = _traits(person, _DRIFTING_TRAITS) + rng.normal(0.0, 1.0, sigma.shape) * sigma
@@ -197,11 +197,11 @@ def drift_identity(person: Identity, rng: np.random.Generator) -> Identity:
     return replace(person, waves=waves, **_trait_fields(person, _DRIFTING_TRAITS, moved))
 
 
-def _traits(person: Identity, names: tuple[str, ...]) -> np.ndarray:
+def _traits(person: Person, names: tuple[str, ...]) -> np.ndarray:
     return np.hstack([getattr(person, name) for name in names])
 
 
-def _trait_fields(person: Identity, names: tuple[str, ...], flat: np.ndarray
+def _trait_fields(person: Person, names: tuple[str, ...], flat: np.ndarray
                   ) -> dict[str, object]:
     """Inverse of _traits: split a flat vector back into the named float / tuple fields."""
     values: dict[str, object] = {}

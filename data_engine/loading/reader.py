@@ -7,16 +7,14 @@ loader worker processes (file handles are reopened lazily in each process).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from common.cli import UserError
-
-_INDEX_ARRAYS = ("identity_start", "image_shard", "image_offset", "image_size")
+from common.errors import UserError
+from data_engine.layout import IDENTITIES, INDEX, INDEX_ARRAYS, read_manifest
 
 
 class ShardReader:
@@ -24,25 +22,18 @@ class ShardReader:
 
     def __init__(self, shards_dir: str | os.PathLike) -> None:
         self.root = Path(shards_dir)
+        self.manifest = read_manifest(self.root)
         try:
-            self.manifest = json.loads((self.root / "manifest.json").read_text("utf-8"))
-        except FileNotFoundError:
-            raise UserError(f"{self.root}: not a shards dir (no manifest.json; sharding "
-                            "unfinished? rerun python -m data_engine.shard)") from None
-        except (OSError, ValueError) as error:
-            raise UserError(f"{self.root}/manifest.json: unreadable ({error})") from None
-        try:
-            with np.load(self.root / "index.npz", allow_pickle=False) as index:
-                arrays = {name: index[name] for name in _INDEX_ARRAYS}
-            names = (self.root / "identities.txt").read_text("utf-8",
-                                                            "surrogateescape").splitlines()
+            with np.load(self.root / INDEX, allow_pickle=False) as index:
+                arrays = {name: index[name] for name in INDEX_ARRAYS}
+            names = (self.root / IDENTITIES).read_text("utf-8", "surrogateescape").splitlines()
         except (OSError, ValueError, KeyError) as error:
-            raise UserError(f"{self.root}: index.npz/identities.txt missing or invalid "
+            raise UserError(f"{self.root}: {INDEX}/{IDENTITIES} missing or invalid "
                             f"({error})") from None
         self.identity_start: np.ndarray = arrays["identity_start"]
         self.image_shard: np.ndarray = arrays["image_shard"]
         self.image_offset: np.ndarray = arrays["image_offset"]
-        self.image_size: np.ndarray = arrays["image_size"]
+        self.image_bytes: np.ndarray = arrays["image_size"]  # JPEG length of each image
         self._names = names
         self.num_identities = int(self.manifest.get("num_identities", -1))
         self.num_images = int(self.manifest.get("num_images", -1))
@@ -51,8 +42,8 @@ class ShardReader:
                 or len(self.identity_start) != self.num_identities + 1
                 or int(self.identity_start[-1]) != self.num_images
                 or not len(self.image_shard) == len(self.image_offset)
-                == len(self.image_size) == self.num_images):
-            raise UserError(f"{self.root}: index.npz or identities.txt does not match "
+                == len(self.image_bytes) == self.num_images):
+            raise UserError(f"{self.root}: {INDEX} or {IDENTITIES} does not match "
                             "manifest.json (rerun python -m data_engine.shard)")
         self.image_labels = np.repeat(np.arange(self.num_identities, dtype=np.int64),
                                       np.diff(self.identity_start))
@@ -72,7 +63,8 @@ class ShardReader:
                 os.close(fd)
         self._fds = {}
 
-    def _fd(self, shard: int) -> int:
+    def fd(self, shard: int) -> int:
+        """Read-only descriptor of shard ``shard``, opened once per process."""
         if self._pid != os.getpid():  # forked: the parent's descriptors are not ours to use
             self._fds, self._pid = {}, os.getpid()
         fd = self._fds.get(shard)
@@ -87,8 +79,8 @@ class ShardReader:
 
     def read_image(self, image_id: int) -> bytes:
         """JPEG bytes of global image `image_id` (one pread)."""
-        size = int(self.image_size[image_id])
-        data = os.pread(self._fd(int(self.image_shard[image_id])), size,
+        size = int(self.image_bytes[image_id])
+        data = os.pread(self.fd(int(self.image_shard[image_id])), size,
                         int(self.image_offset[image_id]))
         if len(data) != size:
             raise UserError(f"{self.shard_paths[int(self.image_shard[image_id])]}: shard is "

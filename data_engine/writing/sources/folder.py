@@ -7,8 +7,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from common.cli import UserError
-from data_engine.sources.base import Identity, Imap, Scan, Source, SourceFile, listing_digest
+from common.errors import UserError
+from data_engine.writing.sources.base import (
+    Identity,
+    Imap,
+    Scan,
+    Source,
+    SourceFile,
+    listing_digest,
+)
 
 # WebFace260M's cleaned WebFace42M ships as parts 0..9; the smaller sets are its prefixes.
 WEBFACE_PARTS = {

@@ -19,25 +19,23 @@ from typing import Any
 
 import numpy as np
 
-from common.cli import UserError
-from common.files import fsync_dir
-from data_engine.images import IMAGE_SIZE
-from data_engine.shardwriter import (
+from common.errors import UserError
+from common.files import TEMP_SUFFIX, fsync_dir, write_atomic
+from data_engine.layout import (
+    FORMAT_VERSION,
+    IDENTITIES,
+    INDEX,
+    MANIFEST,
     PARTS_DIR,
-    TEMP_SUFFIX,
-    ShardSummary,
-    meta_path,
-    write_atomic,
-    write_json,
+    REJECTED,
+    RUN,
+    shard_files,
+    sidecar_path,
 )
-from data_engine.sources import Scan
+from data_engine.writing.images import IMAGE_SIZE
+from data_engine.writing.shardwriter import ShardSummary, write_json
+from data_engine.writing.sources import Scan
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-INDEX = "index.npz"
-IDENTITIES = "identities.txt"
-REJECTED = "rejected.tsv"
-RUN = "run.json"
 _OUR_FILES = (MANIFEST, INDEX, IDENTITIES, REJECTED)
 
 
@@ -69,20 +67,12 @@ def _differences(recorded: dict[str, Any], run: dict[str, Any]) -> str:
     return "; ".join(changed) or "different dataset"
 
 
-def shard_files(out: Path) -> list[Path]:
-    return sorted(out.glob("shard-*.tar"))
-
-
-def meta_exists(out: Path, shard: str) -> bool:
-    return meta_path(out, shard).is_file()
-
-
 def remove_stale_shards(out: Path, keep: set[str]) -> None:
     """Shards a previous plan had and this one does not (the source shrank)."""
     for path in shard_files(out):
         if path.name not in keep:
             path.unlink()
-            meta_path(out, path.name).unlink(missing_ok=True)
+            sidecar_path(out, path.name).unlink(missing_ok=True)
 
 
 def remove_outputs(out: Path) -> None:

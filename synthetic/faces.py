@@ -15,21 +15,17 @@ from functools import lru_cache
 import numpy as np
 import simplejpeg
 
-from data_engine.synthetic_params import (
+from common.alignment import ALIGNED_SIZE, ARCFACE_TEMPLATE
+from synthetic.params import (
     FAMILY_SIZE,
-    Identity,
+    Person,
     Shot,
     blend_family,
-    drift_identity,
-    sample_identity,
+    drift_person,
+    sample_person,
     sample_shot,
 )
-from data_engine.synthetic_render import TEMPLATE_CENTER, Canvas, feature_points, finish, paint_face
-
-ARCFACE_TEMPLATE = np.array(
-    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
-     [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float32)
-ALIGNED_SIZE = 112
+from synthetic.render import TEMPLATE_CENTER, Canvas, feature_points, finish, paint_face
 
 # Stream tags keep the identity and photo random streams apart (SeedSequence pads short
 # entropy with zeros, so [seed, id] alone could collide with [seed, id, 0]).
@@ -54,11 +50,11 @@ def identity_name(identity: int) -> str:
 
 
 @lru_cache(maxsize=16384)
-def _person(seed: int, identity: int) -> Identity:
+def _person(seed: int, identity: int) -> Person:
     """A person: their own random traits pulled towards their family's (look-alikes)."""
     family = np.random.default_rng([seed, identity // FAMILY_SIZE, _FAMILY_STREAM])
     own = np.random.default_rng([seed, identity, _IDENTITY_STREAM])
-    return blend_family(sample_identity(family), sample_identity(own))
+    return blend_family(sample_person(family), sample_person(own))
 
 
 def render_face(identity: int, image_index: int, *, seed: int = 0,
@@ -73,7 +69,7 @@ def render_face(identity: int, image_index: int, *, seed: int = 0,
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
     rng = np.random.default_rng([seed, identity, image_index, _SHOT_STREAM])
     shot = sample_shot(rng)
-    person = drift_identity(_person(int(seed), int(identity)), rng)
+    person = drift_person(_person(int(seed), int(identity)), rng)
     if loose:
         width, height, to_image = _loose_placement(shot, rng)
     else:

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from common.cli import UserError
-from data_engine.recordio import IR_HEADER, RecordFile, read_idx
-from data_engine.sources.base import Identity, Imap, Scan, Source, SourceFile
+from common.errors import UserError
+from data_engine.writing.recordio import IR_HEADER, RecordFile, read_idx
+from data_engine.writing.sources.base import Identity, Imap, Scan, Source, SourceFile
 
 _HEADER_FLAG = 2  # record 0 and identity records carry a [start, end) label pair
 

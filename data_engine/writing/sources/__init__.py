@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from argparse import Namespace
 
-from common.cli import UserError
-from data_engine.sources.base import Identity, Scan, Source, SourceFile
-from data_engine.sources.folder import WEBFACE_PARTS, FolderSource
-from data_engine.sources.recordio import RecordIOSource
-from data_engine.sources.synthetic import SyntheticSource
+from common.errors import UserError
+from data_engine.writing.sources.base import Identity, Scan, Source, SourceFile
+from data_engine.writing.sources.folder import WEBFACE_PARTS, FolderSource
+from data_engine.writing.sources.rec import RecordIOSource
+from data_engine.writing.sources.synthetic import SyntheticSource
 
 SOURCES = (*WEBFACE_PARTS, "folder", "rec", "ms1mv3", "synthetic")
 

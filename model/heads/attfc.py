@@ -1,5 +1,5 @@
-"""AttFC head (DESIGN §4): attention loader (Eq. 8-9), Dynamic Class Container, masked loss
-(Alg. 1, Eq. 10-11) and the momentum class encoder (Eq. 12).
+"""AttFC head: attention loader (Eq. 8-9), Dynamic Class Container, masked loss
+(Alg. 1, Eq. 10-11) and the momentum class encoder (Eq. 12); ARCHITECTURE.md maps each step.
 
 Nothing here is N-sized: memory is the container (S×D), the class encoder and O(B·chunk).
 """
@@ -12,11 +12,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.dcc_ce import masked_dcc_cross_entropy
-from model.head_output import HeadOutput
+from model.heads.dcc_ce import masked_dcc_cross_entropy
+from model.heads.interface import HeadOutput
 from model.margins import CombinedMargin
+from model.names import STRATEGIES
 
-STRATEGIES = ("attention", "constant", "single")
+
+def _attention(f: torch.Tensor, K: torch.Tensor) -> torch.Tensor:  # noqa: N803 (paper's K)
+    return torch.softmax(F.cosine_similarity(f[:, None, :], K, dim=-1), dim=1)
+
+
+def _constant(f: torch.Tensor, K: torch.Tensor) -> torch.Tensor:  # noqa: N803
+    return K.new_full(K.shape[:2], 1.0 / K.shape[1])
+
+
+def _single(f: torch.Tensor, K: torch.Tensor) -> torch.Tensor:  # noqa: N803
+    alpha = K.new_zeros(K.shape[:2])
+    alpha[:, 0] = 1.0
+    return alpha
+
+
+_WEIGHTINGS = dict(zip(STRATEGIES, (_attention, _constant, _single), strict=True))
+
+
+def check_strategy(strategy: str) -> None:
+    """The one check of a GCC strategy name."""
+    if strategy not in _WEIGHTINGS:
+        raise ValueError(f"unknown GCC strategy {strategy!r}: expected one of "
+                         f"{', '.join(STRATEGIES)}")
 
 
 def attention_weights(f: torch.Tensor, K: torch.Tensor,  # noqa: N803 (paper's K)
@@ -26,21 +49,18 @@ def attention_weights(f: torch.Tensor, K: torch.Tensor,  # noqa: N803 (paper's K
     attention: softmax_k(cos(f, K_j)) (Eq. 8); constant: 1/k (Table 4); single: all weight on
     the first class image (DCQ-style, Table 4 "single image").
     """
-    if strategy == "attention":
-        return torch.softmax(F.cosine_similarity(f[:, None, :], K, dim=-1), dim=1)
-    if strategy == "constant":
-        return K.new_full(K.shape[:2], 1.0 / K.shape[1])
-    if strategy == "single":
-        alpha = K.new_zeros(K.shape[:2])
-        alpha[:, 0] = 1.0
-        return alpha
-    raise ValueError(f"unknown GCC strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
+    check_strategy(strategy)
+    return _WEIGHTINGS[strategy](f, K)
 
 
 def generate_gcc(f: torch.Tensor, K: torch.Tensor,  # noqa: N803 (paper's K)
-                 strategy: str = "attention") -> torch.Tensor:
-    """Generative class centre w⁺ = Σ_j α_j K_j (Eq. 9) -> [B, D]; K is not normalised."""
-    return torch.einsum("bk,bkd->bd", attention_weights(f, K, strategy), K)
+                 strategy: str = "attention") -> tuple[torch.Tensor, torch.Tensor]:
+    """Generative class centre w⁺ = Σ_j α_j K_j (Eq. 9) -> (w⁺ [B, D], α [B, k]).
+
+    K is not normalised; α is returned too because the head logs how much it varies.
+    """
+    alpha = attention_weights(f, K, strategy)
+    return torch.einsum("bk,bkd->bd", alpha, K), alpha
 
 
 def dcc_capacity(num_classes: int, sample_rate: float, batch_size: int) -> int:
@@ -89,7 +109,7 @@ class DynamicClassContainer(nn.Module):
 
 
 class AttFCHead(nn.Module):
-    """AttFC classification head; see DESIGN §4 for the pinned step.
+    """AttFC classification head (the step as pinned in ARCHITECTURE.md, "AttFC").
 
     Per step: K = C(class images) (no grad); w⁺ = GCC(f, K) detached and pushed into the DCC
     *before* the logits, so each sample's own w⁺ is its positive (Alg. 1, Eq. 10); loss over
@@ -107,9 +127,7 @@ class AttFCHead(nn.Module):
                  momentum: float = 0.999, strategy: str = "attention",
                  dcc_dtype: torch.dtype = torch.float32, chunk_size: int = 65536) -> None:
         super().__init__()
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown GCC strategy {strategy!r}: expected one of "
-                             f"{', '.join(STRATEGIES)}")
+        check_strategy(strategy)
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         if k < 1:
@@ -122,6 +140,8 @@ class AttFCHead(nn.Module):
         self.momentum = momentum
         self.strategy = strategy
         self.chunk_size = chunk_size
+        # Decided once: the class encoder is a copy, so it has the feature encoder's layout.
+        self._channels_last = _is_channels_last(self.class_encoder)
 
     def encode_classes(self, class_images: torch.Tensor) -> torch.Tensor:
         """C(class images [B, k, 3, H, W]) -> K [B, k, D] fp32, without autograd.
@@ -141,13 +161,6 @@ class AttFCHead(nn.Module):
             K = self.class_encoder(images)
         return K.float().view(batch, k, -1)
 
-    @property
-    def _channels_last(self) -> bool:
-        """Whether the class encoder's convs are channels-last (then feed it NHWC images)."""
-        conv = next((p for p in self.class_encoder.parameters() if p.dim() == 4), None)
-        return conv is not None and conv.is_contiguous(memory_format=torch.channels_last) \
-            and not conv.is_contiguous()
-
     def forward(self, features: torch.Tensor, labels: torch.Tensor,
                 class_images: torch.Tensor | None = None) -> HeadOutput:
         if class_images is None:
@@ -155,8 +168,7 @@ class AttFCHead(nn.Module):
         K = self.encode_classes(class_images)
         f_unit = F.normalize(features.float(), dim=1)
         with torch.no_grad():
-            alpha = attention_weights(f_unit, K, self.strategy)
-            gcc = torch.einsum("bk,bkd->bd", alpha, K)
+            gcc, alpha = generate_gcc(f_unit, K, self.strategy)
             slots = self.dcc.push(F.normalize(gcc, dim=1), labels)
         positive_cos = (f_unit * self.dcc.centers[slots].float()).sum(dim=1)
         loss, masked = masked_dcc_cross_entropy(
@@ -180,3 +192,10 @@ class AttFCHead(nn.Module):
                                 alpha=1.0 - self.momentum)
         if c_buffers:  # one fused launch instead of ~3 per BN layer (r100: ~750)
             torch._foreach_copy_(c_buffers, f_buffers)
+
+
+def _is_channels_last(module: nn.Module) -> bool:
+    """Whether ``module``'s convs are channels-last (then feed it NHWC images)."""
+    conv = next((p for p in module.parameters() if p.dim() == 4), None)
+    return conv is not None and conv.is_contiguous(memory_format=torch.channels_last) \
+        and not conv.is_contiguous()

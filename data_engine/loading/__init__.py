@@ -1,0 +1,1 @@
+"""Loading shards: reader -> epoch plan -> checked bytes -> a decode backend -> batches."""

@@ -1,0 +1,1 @@
+"""Writing shards: sources -> plan -> tar writer -> manifest and index (the shard CLI)."""

@@ -1,0 +1,34 @@
+"""What every head promises ``train``: the Head protocol and its forward's return value."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
+
+import torch
+from torch import nn
+
+
+@dataclass
+class HeadOutput:
+    """Scalar loss plus logging stats kept as tensors (``.item()`` would sync every step)."""
+
+    loss: torch.Tensor
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Head(Protocol):
+    """A classification head ``train`` can swap with ``--head``.
+
+    ``needs_class_images`` is a class attribute, so the loader can be told before the head is
+    built whether to decode k class images per sample.
+    """
+
+    needs_class_images: ClassVar[bool]
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor,
+                class_images: torch.Tensor | None = None) -> HeadOutput:
+        """Features [B, D] of the identity images, labels [B], class images [B, k, 3, H, W]."""
+
+    def after_optimizer_step(self, feature_encoder: nn.Module) -> None:
+        """Called after each optimizer step (AttFC's momentum update, Eq. 12)."""
