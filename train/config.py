@@ -16,7 +16,7 @@ from typing import Any
 from common.cli import ArgumentParser
 from common.errors import UserError
 from data_engine.loading.loader import BACKENDS
-from model.names import HEADS, MARGINS, NETWORKS, STRATEGIES
+from model.names import HEADS, MARGINS, NETWORKS, STRATEGIES, UPDATE_ORDERS
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("gamma", 0.999, "attfc: class-encoder momentum (Eq. 12)", group="model"),
     Option("strategy", "attention", "attfc: how class features make the class centre",
            STRATEGIES, group="model"),
+    Option("update_order", "paper", "attfc: paper = the step's GCCs enter the container before "
+           "the loss (the paper's text); official = after it, so the batch's other GCCs are "
+           "not negatives (the authors' code, MoCo's order)", UPDATE_ORDERS, group="model"),
     Option("margin", "arcface", "margin loss", MARGINS, group="model"),
     Option("margin_s", 64.0, "margin scale s", group="model"),
     Option("margin_m", 0.5, "margin m (arcface: angular, 0.5; cosface: additive, usually "
@@ -71,6 +74,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("warmup_epochs", 0.0, "linear warmup length in epochs (may be fractional)"),
     Option("momentum", 0.9, "SGD momentum"),
     Option("weight_decay", 5e-4, "SGD weight decay"),
+    Option("clip_grad_norm", 0.0, "clip the global gradient norm to this before each step "
+           "(0: off; arcface_torch and the authors' AttFC script use 5)"),
     Option("seed", 0, "seed for weights, sample order and flips"),
     Option("device", "auto", "training device: auto, cpu, cuda or cuda:N", group="speed"),
     Option("precision", "auto", "autocast precision (auto: bf16 on CUDA, fp32 on CPU; fp16 "
@@ -198,7 +203,8 @@ def _check(config: dict[str, Any]) -> None:
                 "keep", "max_nonfinite"):
         if config[key] <= 0:
             raise UserError(f"{_flag(key)} {config[key]}: must be > 0")
-    for key in ("max_steps", "workers", "val_every", "warmup_epochs", "min_lr", "prefetch"):
+    for key in ("max_steps", "workers", "val_every", "warmup_epochs", "min_lr", "prefetch",
+                "clip_grad_norm"):
         if config[key] < 0:
             raise UserError(f"{_flag(key)} {config[key]}: must be >= 0")
     if not 0.0 < config["sample_rate"] <= 1.0:

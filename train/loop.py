@@ -37,6 +37,7 @@ from train.checkpoint import (
     set_rng_state,
 )
 from train.config import network_args
+from train.image_stats import ImageStats
 from train.metrics import MetricsLog, peak_memory_bytes, postfix
 from train.prefetch import Prefetcher
 from train.schedule import lr_at
@@ -98,10 +99,14 @@ class Trainer:
         self.last_step = min(self.total_steps, config["max_steps"] or self.total_steps)
 
         self.backbone, self.head, self.optimizer = self._build_model()
+        self.image_stats = (ImageStats(loader.num_images, config["k"], self.device)
+                            if self.head.needs_class_images else None)
         self.step = TrainStep(self.backbone, self.head, self.optimizer, device=self.device,
                               precision=self.precision,
                               channels_last=self.device.startswith("cuda"),
-                              compile_backbone=config["compile"])
+                              compile_backbone=config["compile"],
+                              clip_grad_norm=config["clip_grad_norm"],
+                              image_stats=self.image_stats)
         if checkpoint is not None:
             self._restore(checkpoint)
         self.validator = self._validator()
@@ -150,7 +155,8 @@ class Trainer:
                           margin=margin,
                           feature_encoder=backbone,
                           sample_rate=c["sample_rate"], k=c["k"], momentum=c["gamma"],
-                          strategy=c["strategy"]).to(self.device)
+                          strategy=c["strategy"],
+                          update_order=c["update_order"]).to(self.device)
         params = [p for module in (backbone, head) for p in module.parameters()
                   if p.requires_grad]
         optimizer = make_optimizer(params, lr=c["lr"], momentum=c["momentum"],
@@ -294,6 +300,9 @@ class Trainer:
             "rng": rng_state(),
             "network": self.config["network"],
         }
+        if self.image_stats is not None:
+            state["image_stats"] = self.image_stats.state_dict()
+            self.image_stats.write(self.run_dir)
         path = save_checkpoint(self.ckpt_dir, self.pos.step, state, self.config["keep"])
         self.saved_at = self.pos.step
         log.info("checkpoint %s", path)
@@ -306,6 +315,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step.scaler.load_state_dict(state["scaler"])
         self.step.nonfinite_total.fill_(self.pos.nonfinite_total)
+        if self.image_stats is not None and "image_stats" in state:
+            self.image_stats.load_state_dict(state["image_stats"])
         set_rng_state(state["rng"])
 
     def _backbone_weights(self) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from model.backbones import normalize_images
+from train.image_stats import ImageStats
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
@@ -38,8 +39,11 @@ class TrainStep:
 
     def __init__(self, backbone: nn.Module, head: nn.Module, optimizer: torch.optim.SGD, *,
                  device: str, precision: str, channels_last: bool,
-                 compile_backbone: bool = False) -> None:
+                 compile_backbone: bool = False, clip_grad_norm: float = 0.0,
+                 image_stats: ImageStats | None = None) -> None:
         self.backbone = backbone
+        self.clip_grad_norm = clip_grad_norm
+        self.image_stats = image_stats
         self.head = head
         self.optimizer = optimizer
         self.device_type = torch.device(device).type
@@ -74,8 +78,13 @@ class TrainStep:
             loss = loss * float("nan")
         finite = torch.isfinite(loss)
 
+        if out.class_scores is not None and self.image_stats is not None:
+            self.image_stats.add(batch.class_image_ids, *out.class_scores)
+
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if self.clip_grad_norm:
+            self._clip()
         if self.scaler.is_enabled():
             self.scaler.step(self.optimizer)  # skips on inf/nan grads, on the device
             self.scaler.update()
@@ -90,6 +99,18 @@ class TrainStep:
         self.loss_sum += torch.where(finite, loss.detach(), 0).double()
         self.finite_steps += finite.long()
         return out.stats
+
+    def _clip(self) -> None:
+        """Scale all gradients so their global L2 norm is at most ``clip_grad_norm``.
+
+        Norm of the true gradients (unscaled first under fp16); no host sync: a non-finite
+        norm makes the gradients non-finite, and that step is skipped anyway.
+        """
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]
+                  if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm, foreach=True)
 
     def read_loss(self) -> float:
         """Mean finite loss since the last call (syncs: call at log steps only)."""

@@ -29,7 +29,7 @@ def build_head(name: str, *, num_classes: int, embedding_size: int, batch_size: 
                margin: CombinedMargin, feature_encoder: nn.Module | None = None,
                sample_rate: float = 0.3, k: int = 2, momentum: float = 0.999,
                strategy: str = "attention", dcc_dtype: torch.dtype = torch.float32,
-               chunk_size: int = 65536) -> nn.Module:
+               chunk_size: int = 65536, update_order: str = "paper") -> nn.Module:
     """Build a :class:`~model.heads.interface.Head` by name.
 
     attfc deep-copies ``feature_encoder`` (pass the plain module, not a compiled/DDP wrapper)
@@ -44,7 +44,8 @@ def build_head(name: str, *, num_classes: int, embedding_size: int, batch_size: 
             raise ValueError("the attfc head needs feature_encoder (copied into the class encoder)")
         return AttFCHead(feature_encoder, num_classes, embedding_size, batch_size, margin,
                          sample_rate=sample_rate, k=k, momentum=momentum, strategy=strategy,
-                         dcc_dtype=dcc_dtype, chunk_size=chunk_size)
+                         dcc_dtype=dcc_dtype, chunk_size=chunk_size,
+                         update_order=update_order)
     if cls is FCHead:
         return FCHead(num_classes, embedding_size, margin)
     return PartialFCHead(num_classes, embedding_size, margin, sample_rate=sample_rate)

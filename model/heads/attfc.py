@@ -15,7 +15,7 @@ from torch import nn
 from model.heads.dcc_ce import masked_dcc_cross_entropy
 from model.heads.interface import HeadOutput
 from model.margins import CombinedMargin
-from model.names import STRATEGIES
+from model.names import STRATEGIES, UPDATE_ORDERS
 
 
 def _attention(f: torch.Tensor, K: torch.Tensor) -> torch.Tensor:  # noqa: N803 (paper's K)
@@ -113,11 +113,15 @@ class AttFCHead(nn.Module):
 
     Per step: K = C(class images) (no grad); w⁺ = GCC(f, K) detached and pushed into the DCC
     *before* the logits, so each sample's own w⁺ is its positive (Alg. 1, Eq. 10); loss over
-    all S entries with same-label conflicts masked. ``after_optimizer_step`` applies Eq. 12 to
-    parameters and copies the feature encoder's buffers (BN running stats) into the class
-    encoder, so C in eval mode is consistent with its averaged weights. C runs in the head's
-    mode: in training its BN layers use the statistics of the B·k class images, as MoCo's key
-    encoder does (its own running-stat updates are then overwritten by the copy).
+    all S entries with same-label conflicts masked. ``update_order="official"`` is the
+    authors' released code (MoCo's order): the positive is still cos(f, own w⁺) with the
+    margin, but the negatives are the S entries *before* this step's push (the oldest B
+    included, the batch's other w⁺ not), and the push follows the loss.
+    ``after_optimizer_step`` applies Eq. 12 to parameters and copies the feature encoder's
+    buffers (BN running stats) into the class encoder, so C in eval mode is consistent with
+    its averaged weights. C runs in the head's mode: in training its BN layers use the
+    statistics of the B·k class images, as MoCo's key encoder does (its own running-stat
+    updates are then overwritten by the copy).
     """
 
     needs_class_images = True
@@ -125,9 +129,14 @@ class AttFCHead(nn.Module):
     def __init__(self, feature_encoder: nn.Module, num_classes: int, embedding_size: int,
                  batch_size: int, margin: CombinedMargin, sample_rate: float = 0.3, k: int = 2,
                  momentum: float = 0.999, strategy: str = "attention",
-                 dcc_dtype: torch.dtype = torch.float32, chunk_size: int = 65536) -> None:
+                 dcc_dtype: torch.dtype = torch.float32, chunk_size: int = 65536,
+                 update_order: str = "paper") -> None:
         super().__init__()
         check_strategy(strategy)
+        if update_order not in UPDATE_ORDERS:
+            raise ValueError(f"unknown update order {update_order!r}: expected one of "
+                             f"{', '.join(UPDATE_ORDERS)}")
+        self.update_order = update_order
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         if k < 1:
@@ -167,15 +176,23 @@ class AttFCHead(nn.Module):
             raise ValueError("the attfc head needs class_images [B, k, 3, H, W]")
         K = self.encode_classes(class_images)
         f_unit = F.normalize(features.float(), dim=1)
+        paper_order = self.update_order == "paper"
         with torch.no_grad():
             gcc, alpha = generate_gcc(f_unit, K, self.strategy)
-            slots = self.dcc.push(F.normalize(gcc, dim=1), labels)
-        positive_cos = (f_unit * self.dcc.centers[slots].float()).sum(dim=1)
+            # As the container stores it (its dtype), whichever order uses it.
+            own = F.normalize(gcc, dim=1).to(self.dcc.centers.dtype)
+            if paper_order:
+                self.dcc.push(own, labels)
+            class_cos = F.cosine_similarity(f_unit[:, None, :], K, dim=-1)
+        positive_cos = (f_unit * own.float()).sum(dim=1)
         loss, masked = masked_dcc_cross_entropy(
             f_unit, self.margin(positive_cos), self.dcc.centers, self.dcc.labels, labels,
-            self.margin.scale, self.chunk_size)
+            self.margin.scale, self.chunk_size, own_in_container=paper_order)
+        if not paper_order:
+            self.dcc.push(own, labels)
         spread = (alpha.amax(dim=1) - alpha.amin(dim=1)).mean()
-        return HeadOutput(loss, {"attention_spread": spread, "masked_conflicts": masked})
+        return HeadOutput(loss, {"attention_spread": spread, "masked_conflicts": masked},
+                          class_scores=(alpha, class_cos))
 
     @torch.no_grad()
     def after_optimizer_step(self, feature_encoder: nn.Module) -> None:

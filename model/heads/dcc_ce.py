@@ -24,7 +24,7 @@ class _MaskedDccCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, f_unit: torch.Tensor, positive_logit: torch.Tensor, centers: torch.Tensor,
                 center_labels: torch.Tensor, labels: torch.Tensor, scale: float,
-                chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                chunk_size: int, own_in_container: bool) -> tuple[torch.Tensor, torch.Tensor]:
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         batch, size = f_unit.shape[0], centers.shape[0]
         unshifted = scale + math.log(size) < _EXP_LIMIT
@@ -65,29 +65,34 @@ class _MaskedDccCrossEntropy(torch.autograd.Function):
                 grad_f = weighted.mul_((torch.exp(run_max - lse) * scale / batch)[:, None])
                 grad_positive = (torch.exp(positive_logit - lse) - 1.0) / batch
                 ctx.save_for_backward(grad_f, grad_positive)
-            masked -= batch  # every sample's own w⁺ slot is not a conflict
+            if own_in_container:
+                masked -= batch  # every sample's own w⁺ slot is not a conflict
         ctx.mark_non_differentiable(masked)
         return loss, masked
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_masked: torch.Tensor):
         grad_f, grad_positive = ctx.saved_tensors
-        return grad_f * grad_loss, grad_positive * grad_loss, None, None, None, None, None
+        return (grad_f * grad_loss, grad_positive * grad_loss, None, None, None, None, None,
+                None)
 
 
 def masked_dcc_cross_entropy(f_unit: torch.Tensor, positive_logit: torch.Tensor,
                              centers: torch.Tensor, center_labels: torch.Tensor,
                              labels: torch.Tensor, scale: float,
-                             chunk_size: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+                             chunk_size: int = 65536, *, own_in_container: bool = True
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 10 over all S container entries; returns (mean loss, number of masked conflicts).
 
     f_unit [B, D]: unit identity features; positive_logit [B]: margin logit s·ψ(θ) of each
-    sample's own w⁺, which must already be in the container with label labels[i] (push before
+    sample's own w⁺, by default already in the container with label labels[i] (push before
     the loss); centers [S, D] unit rows in any float dtype (the math is fp32); center_labels
     [S] (−1 = empty); labels [B]. Negatives are s·cos(f_i, w_j) for every j whose label differs
     from labels[i]; same-label entries other than the own w⁺ are the masked conflicts (Alg. 1).
+    ``own_in_container=False``: the own w⁺ is not in ``centers`` (loss before the push, the
+    official code's order), so every same-label entry counts as a conflict.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     return _MaskedDccCrossEntropy.apply(f_unit, positive_logit, centers, center_labels, labels,
-                                        float(scale), int(chunk_size))
+                                        float(scale), int(chunk_size), bool(own_in_container))

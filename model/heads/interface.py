@@ -15,6 +15,8 @@ class HeadOutput:
 
     loss: torch.Tensor
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    # attfc: (α, cos(f, K_j)), both [B, k'], how each class image scored (k' = 1 for single)
+    class_scores: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class Head(Protocol):
