@@ -22,6 +22,7 @@ examples:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import multiprocessing as mp
 import os
@@ -34,7 +35,16 @@ from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 from typing import Any
 
-from common.cli import ArgumentParser, existing_dir, positive_int, run_cli, setup_logging
+from common.cli import (
+    ArgumentParser,
+    existing_dir,
+    existing_file,
+    positive_int,
+    run_cli,
+    setup_logging,
+)
+from common.errors import UserError
+from common.files import WriteError, environment_error, write_error
 from common.progress import Progress
 from data_engine import layout
 from data_engine.writing import manifest
@@ -101,6 +111,12 @@ def build_parser() -> ArgumentParser:
                              "does not depend on it)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the shards in a non-empty --out holding another dataset")
+    parser.add_argument("--exclude", type=existing_file, metavar="FILE.tsv",
+                        help="leave out the images listed here (first tab-separated column: "
+                             "the source path as in rejected.tsv, or <identity>/<image name>; "
+                             "a 'path' header and # lines are skipped), e.g. the TSV of "
+                             "python -m evaluate noise cut to the rows to drop; they go to "
+                             "rejected.tsv with reason 'excluded'")
     synthetic = parser.add_argument_group("synthetic source")
     synthetic.add_argument("--identities", type=positive_int, default=1000, metavar="N",
                            help="number of generated people")
@@ -108,7 +124,32 @@ def build_parser() -> ArgumentParser:
                            help="photos per person")
     synthetic.add_argument("--seed", type=int, default=0, metavar="S",
                            help="the dataset is a pure function of this seed")
+    synthetic.add_argument("--mislabeled-share", type=_share, default=0.0, metavar="P",
+                           help="share of photos filed under the wrong person (planted label "
+                                "noise; each image's truth goes into the shard's json)")
     return parser
+
+
+def _share(value: str) -> float:
+    """argparse ``type=`` for a share in [0, 1)."""
+    try:
+        share = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not 0.0 <= share < 1.0:
+        raise argparse.ArgumentTypeError(f"{value} must be in [0, 1)")
+    return share
+
+
+def read_exclude(path: Path) -> frozenset[str]:
+    """The keys of an exclusion list (first column; header, blanks and # lines skipped)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"--exclude {path}: cannot read ({error})") from None
+    keys = {line.split("\t", 1)[0] for line in lines if line.strip() and not line.startswith("#")}
+    keys.discard("path")
+    return frozenset(keys)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
@@ -117,9 +158,13 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    return {"format_version": layout.FORMAT_VERSION, "image_size": IMAGE_SIZE,
-            "shard_size": args.shard_size, "verify": args.verify,
-            "on_mismatch": args.on_mismatch}
+    options = {"format_version": layout.FORMAT_VERSION, "image_size": IMAGE_SIZE,
+               "shard_size": args.shard_size, "verify": args.verify,
+               "on_mismatch": args.on_mismatch}
+    if args.excluded:  # only then: the fingerprint of a run without --exclude is unchanged
+        options["exclude_sha256"] = hashlib.sha256(
+            "\n".join(sorted(args.excluded)).encode()).hexdigest()
+    return options
 
 
 def _pool_context() -> mp.context.BaseContext:
@@ -164,7 +209,7 @@ def _write(source: Source, scan: Scan, plans: list[ShardPlan], out: Path,
     """
     context = _pool_context()
     counter = context.Value("q", 0)
-    options = WriteOptions(out, args.verify, args.on_mismatch)
+    options = WriteOptions(out, args.verify, args.on_mismatch, args.excluded)
     shards: list[ShardSummary | None] = [None] * len(plans)
     with ThreadPoolExecutor(2, thread_name_prefix="commit") as committer, \
             context.Pool(args.workers, initializer=init_worker,
@@ -193,16 +238,32 @@ def _write_jobs(jobs: list[tuple[ShardPlan, list[Identity]]], pool: Pool,
     """Workers write the shards; each finished one is committed (fsync, rename, sidecar)
     in a thread while the bar follows the images the workers have done."""
     results = pool.imap_unordered(write_shard, jobs)
-    commits = []
+    commits, written = [], set()
     with Progress(sum(plan.num_files for plan, _ in jobs), "sharding", unit="img") as bar:
         while len(commits) < len(jobs):
             try:
-                commits.append(committer.submit(commit_shard, out, results.next(0.5)))
-                bar.set_postfix(f"{len(commits)}/{len(jobs)} shards")
+                meta = results.next(0.5)
             except mp.TimeoutError:
-                pass
+                meta = None
+            except OSError as error:
+                raise _out_of_space(error, [plan for plan, _ in jobs
+                                            if plan.index not in written], out) from None
+            if meta is not None:
+                written.add(meta["index"])
+                commits.append(committer.submit(commit_shard, out, meta))
+                bar.set_postfix(f"{len(commits)}/{len(jobs)} shards")
             bar.update(counter.value - bar.count)
         return [commit.result() for commit in commits]
+
+
+def _out_of_space(error: OSError, unfinished: list[ShardPlan], out: Path) -> OSError:
+    """A worker's full disk or read-only --out as one line: the shard, the cause and the
+    space the unfinished shards still need (their planned size)."""
+    if environment_error(error) is None:
+        return error
+    needed = sum(plan.estimated_bytes for plan in unfinished)
+    return write_error(error.filename or out, error, needed,
+                       needed_for=f"for the {len(unfinished)} unfinished shards")
 
 
 def _fix_labels(shards: list[ShardSummary], out: Path) -> list[ShardSummary]:
@@ -221,6 +282,7 @@ def _fix_labels(shards: list[ShardSummary], out: Path) -> list[ShardSummary]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    args.excluded = read_exclude(args.exclude) if args.exclude else frozenset()
     source = build_source(args)
     options = _options(args)
     run = {"source": source.describe(), "options": options,
@@ -234,6 +296,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         manifest.remove_stale_shards(out, {plan.name for plan in plans})
         shards = _write(source, scan, plans, out, args)
         result = manifest.write_outputs(out, run, scan, shards)
+    except WriteError as error:
+        raise WriteError(f"{error}; free space, then rerun the same command (finished "
+                         "shards are kept)", error.path) from None
     finally:
         manifest.remove_temp_files(out)
         os.close(lock)

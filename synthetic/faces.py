@@ -32,6 +32,10 @@ from synthetic.render import TEMPLATE_CENTER, Canvas, feature_points, finish, pa
 _IDENTITY_STREAM = 0x1DE7
 _FAMILY_STREAM = 0xFA31
 _SHOT_STREAM = 0x5A07
+_MISLABEL_STREAM = 0x3157
+# Photo indices of strays (a person's photo filed under someone else) start here, so a stray
+# is never a duplicate of one of that person's own photos.
+_STRAY_PHOTO_BASE = 1 << 40
 _TEMPLATE_IOD = float(np.linalg.norm(ARCFACE_TEMPLATE[1] - ARCFACE_TEMPLATE[0]))
 
 
@@ -81,6 +85,24 @@ def render_face(identity: int, image_index: int, *, seed: int = 0,
     image = finish(canvas, shot, rng)
     landmarks = points @ to_image[:, :2].T + to_image[:, 2]
     return SyntheticFace(image, landmarks.astype(np.float32), shot.quality)
+
+
+def photo_subject(identity: int, image_index: int, *, seed: int, mislabeled_share: float,
+                  identities: int) -> tuple[int, int]:
+    """(person shown, their photo index) for photo `image_index` filed under `identity`.
+
+    With probability `mislabeled_share` (a pure function of seed, identity and index) the
+    photo shows another of the `identities` people instead: planted label noise whose truth
+    the shards record. Share 0 is the plain dataset: (identity, image_index).
+    """
+    if mislabeled_share <= 0 or identities < 2:
+        return identity, image_index
+    rng = np.random.default_rng([seed, identity, image_index, _MISLABEL_STREAM])
+    if rng.random() >= mislabeled_share:
+        return identity, image_index
+    other = int(rng.integers(identities - 1))
+    other += other >= identity
+    return other, _STRAY_PHOTO_BASE + identity * (1 << 16) + image_index
 
 
 def _pose(shot: Shot, roll_deg: float, scale: float, center: np.ndarray) -> np.ndarray:

@@ -34,6 +34,8 @@ class WriteOptions:
     out: Path
     verify: str
     on_mismatch: str
+    # Source paths or "<identity>/<image name>" keys to leave out (reason "excluded").
+    exclude: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -82,12 +84,18 @@ def write_json(path: Path, value: Any) -> None:
 
 
 def write_sample(writer: TarWriter, label: int, identity: str, image_names: list[str],
-                 images: list[bytes]) -> list[int]:
-    """One identity as a WebDataset sample; returns the data offsets of its images."""
+                 images: list[bytes], image_info: list[Meta] | None = None) -> list[int]:
+    """One identity as a WebDataset sample; returns the data offsets of its images.
+
+    ``image_info`` (one dict per image, from sources that know facts about their images,
+    e.g. synthetic ground truth) goes into the json as ``image_info``; absent when None.
+    """
     key = f"{label:08d}"
     offsets = [writer.add(f"{key}.{j:04d}.jpg", image) for j, image in enumerate(images)]
     writer.add(f"{key}.cls", str(label).encode())
-    info = {"identity": identity, "images": image_names, "label": label}
+    info: Meta = {"identity": identity, "images": image_names, "label": label}
+    if image_info is not None:
+        info["image_info"] = image_info
     writer.add(f"{key}.json", json.dumps(info, sort_keys=True, separators=(",", ":")).encode())
     return offsets
 
@@ -117,13 +125,16 @@ def write_shard(job: tuple[ShardPlan, list[Identity]]) -> Meta:
     meta: Meta = {"index": plan.index, "name": plan.name, "plan_hash": plan.plan_hash,
                   "label_base": plan.label_base, "samples": [], "rejected": [],
                   "dropped": [], "num_converted": 0}
-    verify, on_mismatch = options.verify, options.on_mismatch
+    verify, on_mismatch, exclude = options.verify, options.on_mismatch, options.exclude
     rejected, samples = meta["rejected"], meta["samples"]
     try:
         label = plan.label_base
         for identity in identities:
-            names, images = [], []
-            for name, path, data, error in source.read_identity(identity):
+            names, images, infos = [], [], []
+            for name, path, data, error, info in source.read_identity(identity):
+                if exclude and (path in exclude or f"{identity.name}/{name}" in exclude):
+                    rejected.append([path, "excluded"])
+                    continue
                 if data is None:
                     rejected.append([path, error])
                     continue
@@ -136,19 +147,24 @@ def write_shard(job: tuple[ShardPlan, list[Identity]]) -> Meta:
                     meta["num_converted"] += 1
                 names.append(name)
                 images.append(jpeg)
+                infos.append(info)
             with counter.get_lock():
                 counter.value += identity.num_files
             if not images:
                 meta["dropped"].append([identity.name, "all images rejected"])
                 continue
-            offsets = write_sample(writer, label, identity.name, names, images)
-            samples.append([identity.name, names, offsets, [len(i) for i in images]])
+            image_info = infos if any(i is not None for i in infos) else None
+            offsets = write_sample(writer, label, identity.name, names, images, image_info)
+            sample = [identity.name, names, offsets, [len(i) for i in images]]
+            samples.append(sample if image_info is None else [*sample, image_info])
             label += 1
         meta["bytes"], meta["sha256"] = writer.close()
         return meta
-    except BaseException:
+    except BaseException as error:
         writer.abort()
         writer.path.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None:
+            error.filename = str(options.out / plan.name)  # os.write names no file
         raise
 
 
@@ -162,10 +178,11 @@ def relabel_shard(out: Path, name: str, label_base: int) -> ShardSummary:
     try:
         with open(final, "rb") as handle:
             fd = handle.fileno()
-            for i, (identity, names, offsets, sizes) in enumerate(meta["samples"]):
+            for i, (identity, names, offsets, sizes, *info) in enumerate(meta["samples"]):
                 images = [os.pread(fd, size, offset) for offset, size in zip(offsets, sizes)]
-                new_offsets = write_sample(writer, label_base + i, identity, names, images)
-                new["samples"].append([identity, names, new_offsets, sizes])
+                new_offsets = write_sample(writer, label_base + i, identity, names, images,
+                                           *info)
+                new["samples"].append([identity, names, new_offsets, sizes, *info])
         new["bytes"], new["sha256"] = writer.close()
         return commit_shard(out, new)
     except BaseException:

@@ -20,7 +20,8 @@ def build_source(args: Namespace) -> Source:
     if args.src == "synthetic":
         if args.root is not None:
             raise UserError("--root is not used with --src synthetic")
-        return SyntheticSource(args.identities, args.images_per_identity, args.seed)
+        return SyntheticSource(args.identities, args.images_per_identity, args.seed,
+                               args.mislabeled_share)
     if args.root is None:
         raise UserError(f"--root is required with --src {args.src}")
     if args.src in WEBFACE_PARTS:

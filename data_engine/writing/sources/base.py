@@ -35,6 +35,7 @@ class SourceFile(NamedTuple):  # a tuple: built once per image, so it must be ch
     path: str  # where it came from (goes into rejected.tsv)
     data: bytes | None
     error: str | None = None
+    info: dict[str, Any] | None = None  # per-image facts for the sample's json (ground truth)
 
 
 @dataclass
