@@ -27,15 +27,22 @@ from common.cli import (
     setup_logging,
 )
 from common.errors import UserError
+from evaluate.onnx_model import INPUT_RANGES
 
 log = logging.getLogger("evaluate")
 
 VERIFICATION_SETS = ("lfw", "cfp_fp", "agedb_30")
+MODEL_HELP = ("RUN/model.pt, an insightface-style PyTorch state_dict (backbone.pth, with "
+              "--network) or an ONNX recognition model (.onnx)")
 
 
 def _add_model_flags(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--network",
-                     help="backbone name; when omitted, RUN/model.json next to --model, else r50")
+                     help="backbone of PyTorch weights; when omitted, RUN/model.json next to "
+                     "--model, else r50 (an ONNX model carries its own)")
+    sub.add_argument("--onnx-input", choices=INPUT_RANGES, default="auto",
+                     help="pixel scale an ONNX model takes: auto detects it as insightface "
+                     "does (first nodes Sub and Mul: raw 0-255, else [-1, 1])")
     sub.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     sub.add_argument("--batch-size", type=positive_int, default=256)
     sub.add_argument("--no-flip", dest="flip", action="store_false",
@@ -53,7 +60,7 @@ def build_parser() -> ArgumentParser:
         sub.add_argument("--root", required=True, type=existing_dir,
                          help="directory with meta/ and loose_crop/")
         source = sub.add_mutually_exclusive_group(required=True)
-        source.add_argument("--model", type=existing_file, help="RUN/model.pt (state_dict)")
+        source.add_argument("--model", type=existing_file, help=MODEL_HELP)
         source.add_argument("--features", type=existing_file,
                             help="precomputed per-image features .npy [images, D]")
         sub.add_argument("--faceness", type=existing_file,
@@ -80,7 +87,7 @@ def build_parser() -> ArgumentParser:
         source.add_argument("--pairs", type=existing_dir,
                             help="aligned LFW-style folder with pairs.txt")
         sub.add_argument("--model", type=existing_file, required=True,
-                         help="RUN/model.pt (state_dict)")
+                         help=MODEL_HELP)
         _add_model_flags(sub)
     synth = commands.add_parser("synth-ijb", help="write a synthetic IJB-layout directory")
     synth.add_argument("--out", type=Path, required=True)
@@ -109,12 +116,11 @@ def _load_matrix(path: Path, what: str) -> np.ndarray:
         raise UserError(f"{path}: not a .npy {what} ({error})") from None
 
 
-def _backbone(args: argparse.Namespace):
-    from common.device import resolve_device
-    from evaluate.features import load_backbone
+def _embedder(args: argparse.Namespace):
+    from evaluate.features import load_embedder
 
-    device = resolve_device(args.device)
-    return load_backbone(args.model, args.network, device), device
+    return load_embedder(args.model, network=args.network, device=args.device,
+                         onnx_input=args.onnx_input)
 
 
 def run_ijb(args: argparse.Namespace) -> int:
@@ -130,15 +136,15 @@ def run_ijb(args: argparse.Namespace) -> int:
     if args.model is not None or (args.detector_score and args.faceness is None):
         landmarks = ijb_meta.read_landmarks(root, prefix, images.names)
     if args.model is not None:
-        backbone, device = _backbone(args)
+        embed = _embedder(args)
         model = Path(args.model).resolve()
         cache = None if args.no_cache else (args.cache or model.parent / f"{prefix}_features.npy")
         key = {"model": str(model), "model_mtime_ns": model.stat().st_mtime_ns,
                "network": args.network, "root": str(Path(root).resolve()),
-               "images": len(images.names), "flip": args.flip}
+               "images": len(images.names), "flip": args.flip, "onnx_input": args.onnx_input}
         features = cached_features(cache, key, lambda: ijb.model_features(
-            root, prefix, images.names, landmarks.points, backbone, device=device,
-            batch_size=args.batch_size, flip=args.flip, workers=args.workers))
+            root, prefix, images.names, landmarks.points, embed, batch_size=args.batch_size,
+            flip=args.flip, workers=args.workers))
     else:
         features = _load_matrix(args.features, "feature matrix")
         if features.ndim != 2 or len(features) != len(images.names):
@@ -199,8 +205,7 @@ def run_verification(args: argparse.Namespace) -> int:
     from evaluate.verification import evaluate_embeddings, load_bin, load_pairs_dir
 
     images, issame = load_bin(args.bin) if args.bin else load_pairs_dir(args.pairs)
-    backbone, device = _backbone(args)
-    features = extract_features(backbone, images, device=device, batch_size=args.batch_size,
+    features = extract_features(_embedder(args), images, batch_size=args.batch_size,
                                 flip=args.flip, desc=f"{args.command} features")
     metrics = evaluate_embeddings(features, issame)
     print(f"{args.command}: accuracy {100 * metrics['accuracy_mean']:.2f} ± "

@@ -1,4 +1,8 @@
-"""Per-image embeddings from a trained backbone: batched, flip-tested, cacheable.
+"""Per-image embeddings from any face model: batched, flip-tested, cacheable.
+
+The model is this project's ``model.pt``, an insightface-style PyTorch state_dict
+(``--network``) or an ONNX model (:mod:`evaluate.onnx_model`); all three go through the
+same :class:`Embedder` call, so alignment, flip test and cache are one code path.
 
 Published IJB and LFW numbers use the flip test: the feature of an image is the sum of the
 features of the image and of its mirror. The sum (not a normalised mean) is what insightface's
@@ -12,12 +16,13 @@ import logging
 import pickle
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from common.errors import UserError
+from common.errors import UserError, first_line
 from common.progress import Progress
 
 log = logging.getLogger("evaluate.features")
@@ -39,25 +44,57 @@ def _model_info(model_path: Path) -> dict:
     return info
 
 
-def load_backbone(model_path: Path | str, network: str | None = None,
-                  device: str = "cpu") -> nn.Module:
-    """The feature encoder saved by train (or an insightface model-zoo state_dict), eval mode.
+def read_state_dict(path: Path | str) -> dict:
+    """Tensors by key from a PyTorch weights file (our model.pt, an arcface_torch backbone.pth).
 
     ``weights_only=True``: a model file from the internet must not be able to run code.
+    Files saved from DistributedDataParallel without ``.module`` carry a ``module.`` prefix
+    on every key; it is dropped.
+    """
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as error:
+        raise UserError(f"{path}: not a loadable PyTorch weights file ({first_line(error)})"
+                        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
+                                              for v in state.values()):
+        raise UserError(f"{path}: expected a state_dict of tensors, got "
+                        f"{type(state).__name__}")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_weights(module: nn.Module, state: dict, path: Path | str, network: str) -> None:
+    """Strict load; a mismatch is one line naming the first missing or unexpected key."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    problems = []
+    for what, keys in (("missing key", missing), ("unexpected key", unexpected)):
+        if keys:
+            more = f" (+{len(keys) - 1} more)" if len(keys) > 1 else ""
+            problems.append(f"{what} {keys[0]!r}{more}")
+    if wrong:
+        key = wrong[0]
+        problems.append(f"{key!r} is {list(state[key].shape)}, network has {list(own[key].shape)}")
+    if problems:
+        raise UserError(f"{path}: weights do not fit network {network}: "
+                        f"{'; '.join(problems)}; pass the right --network")
+    module.load_state_dict(state, strict=True)
+
+
+def load_backbone(model_path: Path | str, network: str | None = None,
+                  device: str = "cpu") -> nn.Module:
+    """The feature encoder saved by train (or an insightface-style state_dict), eval mode.
+
     The network comes from ``network``, else ``model.json`` beside the file (with its
     ``network_args``), else r50.
     """
     from model.backbones import get_model
 
     model_path = Path(model_path)
-    try:
-        state = torch.load(model_path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as error:
-        raise UserError(f"{model_path}: not a loadable weights file ({error})") from None
-    if not isinstance(state, dict):
-        raise UserError(f"{model_path}: expected a state_dict, got {type(state).__name__}")
-    # Checkpoints saved from DistributedDataParallel carry a "module." prefix on every key.
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = read_state_dict(model_path)
     info = _model_info(model_path)
     name = network or info.get("network") or DEFAULT_NETWORK
     # Extra constructor arguments (e.g. a slim mbf) belong to the network model.json names.
@@ -69,36 +106,64 @@ def load_backbone(model_path: Path | str, network: str | None = None,
         backbone = get_model(name, embedding_size=int(embedding_size or 512), **network_args)
     except (KeyError, ValueError) as error:
         raise UserError(f"--network {name}: {error}") from None
-    try:
-        backbone.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        first = str(error).strip().splitlines()
-        detail = " ".join(line.strip() for line in first[:2])
-        raise UserError(f"{model_path}: weights do not fit network {name} ({detail}); "
-                        "pass the right --network") from None
+    load_weights(backbone, state, model_path, name)
     return backbone.to(device).eval()
 
 
-def _normalize(batch: torch.Tensor) -> torch.Tensor:
-    from model.backbones import normalize_images
 
-    return normalize_images(batch)
+class Embedder(Protocol):
+    """uint8 [B,3,112,112] RGB -> float32 [B,D]; with ``flip``, plus the mirror's feature."""
+
+    def __call__(self, batch: np.ndarray, *, flip: bool) -> np.ndarray: ...
 
 
-@torch.inference_mode()
-def extract_features(backbone: nn.Module, images: np.ndarray | torch.Tensor, *, device: str,
-                     batch_size: int = 256, flip: bool = True,
+class TorchEmbedder:
+    """A PyTorch feature encoder as an :class:`Embedder` on ``device``."""
+
+    def __init__(self, backbone: nn.Module, device: str) -> None:
+        self.backbone, self.device = backbone.eval(), device
+
+    @torch.inference_mode()
+    def __call__(self, batch: np.ndarray, *, flip: bool) -> np.ndarray:
+        x = torch.as_tensor(np.ascontiguousarray(batch)).to(self.device, non_blocking=True)
+        return embed_batch(self.backbone, x, flip=flip).cpu().numpy()
+
+
+def load_embedder(model_path: Path | str, *, network: str | None = None, device: str = "auto",
+                  onnx_input: str = "auto") -> Embedder:
+    """``.onnx`` -> onnxruntime; anything else -> PyTorch weights (model.pt, backbone.pth)."""
+    model_path = Path(model_path)
+    if model_path.suffix.lower() == ".onnx":
+        from evaluate.onnx_model import OnnxEmbedder
+
+        if network is not None:
+            raise UserError(f"--network {network}: an ONNX model carries its network; "
+                            "drop --network")
+        return OnnxEmbedder(model_path, device=device, input_range=onnx_input)
+    if onnx_input != "auto":
+        raise UserError(f"--onnx-input {onnx_input}: {model_path} is not an .onnx model")
+    from common.device import resolve_device
+
+    device = resolve_device(device)
+    return TorchEmbedder(load_backbone(model_path, network, device), device)
+
+
+def extract_features(model: nn.Module | Embedder, images: np.ndarray | torch.Tensor, *,
+                     device: str = "cpu", batch_size: int = 256, flip: bool = True,
                      desc: str = "features") -> np.ndarray:
-    """float32 [M,D] embeddings of uint8 [M,3,112,112] RGB images (image + mirror when flip)."""
+    """float32 [M,D] embeddings of uint8 [M,3,112,112] RGB images (image + mirror when flip).
+
+    ``model`` is an :class:`Embedder` or a PyTorch module (run on ``device``).
+    """
     count = len(images)
     if count == 0:
         raise ValueError("no images to embed")
-    backbone.eval()
+    embed = TorchEmbedder(model, device) if isinstance(model, nn.Module) else model
     chunks = []
     with Progress(count, desc, "img") as progress:
         for start in range(0, count, batch_size):
-            batch = torch.as_tensor(images[start:start + batch_size]).to(device, non_blocking=True)
-            chunks.append(embed_batch(backbone, batch, flip=flip).cpu().numpy())
+            batch = np.asarray(images[start:start + batch_size])
+            chunks.append(embed(batch, flip=flip))
             progress.update(len(batch))
     return np.concatenate(chunks).astype(np.float32, copy=False)
 
@@ -110,6 +175,12 @@ def embed_batch(backbone: nn.Module, batch_uint8: torch.Tensor, *, flip: bool) -
     if flip:
         feats = feats + backbone(torch.flip(x, dims=[3])).float()
     return feats
+
+
+def _normalize(batch: torch.Tensor) -> torch.Tensor:
+    from model.backbones import normalize_images
+
+    return normalize_images(batch)
 
 
 def cached_features(cache: Path | None, key: dict,

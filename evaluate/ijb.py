@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from torch import nn
 
 from common.errors import UserError
 from common.progress import Progress
 from evaluate import ijb_meta
 from evaluate.align import align_face
-from evaluate.features import embed_batch
 from evaluate.pairs import pair_scores
 from evaluate.roc import METRIC_MAX_FPR, roc_curve, tar_at_far
 from evaluate.search import Gallery, closed_set_metrics, mates, open_set_metrics
@@ -38,20 +37,18 @@ def _load_aligned(root: Path, name: str, landmarks: np.ndarray, where: str) -> n
 
 
 def model_features(root: Path, prefix: str, names: list[str], landmarks: np.ndarray,
-                   backbone: nn.Module, *, device: str, batch_size: int, flip: bool,
+                   embed: Callable[..., np.ndarray], *, batch_size: int, flip: bool,
                    workers: int) -> np.ndarray:
     """float32 [M,D] flip-test features of every aligned loose crop, in image-list order.
 
-    Decoding and warping run in ``workers`` threads (PIL releases the GIL for both) while
-    the network embeds the previous chunk's faces.
+    ``embed`` is an ``evaluate.features.Embedder`` (PyTorch or ONNX). Decoding and warping
+    run in ``workers`` threads (PIL releases the GIL for both) while the model embeds the
+    previous chunk's faces.
     """
-    import torch
-
     five_points = ijb_meta.meta_path(root, prefix, "name_5pts_score.txt").name
     features = None
-    backbone.eval()
     with ThreadPoolExecutor(workers) as pool, Progress(len(names), f"{prefix} features",
-                                                      "img") as progress, torch.inference_mode():
+                                                      "img") as progress:
 
         def submit(start: int) -> list:
             return [pool.submit(_load_aligned, root, names[i], landmarks[i],
@@ -63,8 +60,7 @@ def model_features(root: Path, prefix: str, names: list[str], landmarks: np.ndar
             faces = np.stack([future.result() for future in pending])
             pending = submit(start + CHUNK_IMAGES)  # decode the next chunk meanwhile
             for b in range(0, len(faces), batch_size):
-                batch = torch.from_numpy(faces[b:b + batch_size]).to(device)
-                out = embed_batch(backbone, batch, flip=flip).cpu().numpy()
+                out = embed(faces[b:b + batch_size], flip=flip)
                 if features is None:
                     features = np.empty((len(names), out.shape[1]), np.float32)
                 features[start + b:start + b + len(out)] = out

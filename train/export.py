@@ -1,8 +1,9 @@
 """``python -m train.export RUN/model.pt --onnx out.onnx``: the feature encoder as ONNX.
 
 The ONNX model takes float [N,3,112,112] RGB scaled to [-1, 1] (as insightface's ONNX
-models do) with a dynamic batch size and returns the [N,D] embedding. The export is checked
-against PyTorch with onnxruntime on random batches before the command reports success.
+models do) with a dynamic batch size, or a fixed one with ``--fixed-batch N`` (for runtimes
+that want static shapes), and returns the [N,D] embedding. The export is checked against
+PyTorch with onnxruntime on random batches before the command reports success.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.cli import ArgumentParser, existing_file, run_cli, setup_logging
+from common.cli import ArgumentParser, existing_file, positive_int, run_cli, setup_logging
 from common.errors import UserError
 from evaluate.features import load_backbone
 
@@ -26,17 +27,19 @@ log = logging.getLogger("train.export")
 INPUT, OUTPUT = "input", "embedding"
 
 
-def export_onnx(backbone: nn.Module, path: Path, *, opset: int = 17) -> None:
-    """Write ``backbone`` (put in eval mode) as ONNX with a dynamic batch dimension."""
+def export_onnx(backbone: nn.Module, path: Path, *, opset: int = 17,
+                fixed_batch: int | None = None) -> None:
+    """Write ``backbone`` (put in eval mode) as ONNX, batch dimension dynamic or fixed."""
     backbone.eval()
-    example = torch.zeros(2, 3, 112, 112)
+    example = torch.zeros(fixed_batch or 2, 3, 112, 112)
+    dynamic = None if fixed_batch else {INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}
     with warnings.catch_warnings():
         # The TorchScript-based exporter is deprecated in favour of the dynamo one, which
         # needs onnxscript; for a plain CNN both give the same graph.
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(backbone, (example,), str(path), dynamo=False, opset_version=opset,
                           input_names=[INPUT], output_names=[OUTPUT],
-                          dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
+                          dynamic_axes=dynamic)
 
 
 @torch.inference_mode()
@@ -71,6 +74,8 @@ def build_parser() -> ArgumentParser:
                         help="backbone name (default: from model.json beside the model, else "
                         "r50)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    parser.add_argument("--fixed-batch", type=positive_int, metavar="N",
+                        help="fix the batch dimension at N (default: dynamic)")
     parser.add_argument("--atol", type=float, default=1e-4,
                         help="largest allowed |ONNX - PyTorch| between L2-normalised embeddings "
                         "of the check batches")
@@ -82,13 +87,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
     backbone = load_backbone(args.model, getattr(args, "network", None))
     args.onnx.parent.mkdir(parents=True, exist_ok=True)
-    export_onnx(backbone, args.onnx, opset=args.opset)
-    difference = max_difference(backbone, args.onnx)
+    export_onnx(backbone, args.onnx, opset=args.opset, fixed_batch=args.fixed_batch)
+    batch_sizes = (args.fixed_batch,) if args.fixed_batch else (1, 5)
+    difference = max_difference(backbone, args.onnx, batch_sizes)
     if difference > args.atol:
         raise UserError(f"{args.onnx}: outputs differ from PyTorch by {difference:.2e} "
                         f"(> --atol {args.atol:g})")
     print(f"wrote {args.onnx}: matches PyTorch within {difference:.2e} (L2-normalised "
-          "embeddings, onnxruntime, batch sizes 1 and 5)")
+          f"embeddings, onnxruntime, batch sizes {' and '.join(map(str, batch_sizes))})")
     return 0
 
 
