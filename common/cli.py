@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from common.errors import UserError
+from common.files import describe
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -133,8 +134,8 @@ def run_cli(prog: str, main: Callable[[Sequence[str] | None], int | None],
         # Full disk, permission denied, vanished file: the user's environment, not our bug.
         if debug:
             raise
-        where = f" ({error.filename})" if getattr(error, "filename", None) else ""
-        print(f"{prog}: error: {error.strerror or error}{where}", file=sys.stderr)
+        where = f"{error.filename}: " if getattr(error, "filename", None) else ""
+        print(f"{prog}: error: {where}{describe(error)}", file=sys.stderr)
         code = EXIT_USAGE
     except Exception as error:  # last line of defence: one line, not a traceback
         if debug:

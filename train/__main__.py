@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from common.cli import ArgumentParser, run_cli, setup_logging
+from common.files import WriteError, write_atomic
 from train.config import add_options, resolve, to_toml
 
 log = logging.getLogger("train")
@@ -39,9 +40,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from train.loop import Trainer  # torch and the model load only after the flags are fine
 
-    trainer = Trainer(config, resume=args.resume, inject_nan=args.inject_nan_at_step)
-    (Path(config["output"]) / "config.toml").write_text(text)
-    return trainer.fit()
+    run_dir = Path(config["output"])
+    try:
+        trainer = Trainer(config, resume=args.resume, inject_nan=args.inject_nan_at_step)
+        write_atomic(run_dir / "config.toml", text.encode())
+        return trainer.fit()
+    except WriteError as error:
+        raise WriteError(f"{error}; {resume_hint(run_dir)}", error.path) from None
+
+
+def resume_hint(run_dir: Path) -> str:
+    """What to do after a write failed mid-run: which checkpoint survives, how to go on."""
+    from train.checkpoint import list_checkpoints
+
+    found = list_checkpoints(run_dir / "checkpoints")
+    if not found:
+        return "no checkpoint written yet: free space, then start the run again"
+    return (f"last good checkpoint {found[0]}; free space, then resume with: "
+            f"python -m train --output {run_dir} --resume")
 
 
 if __name__ == "__main__":
