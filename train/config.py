@@ -46,6 +46,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("skip_bad", False, "replace an unreadable image by another of its identity and "
            "count it, instead of stopping with an error naming the shard and offset",
            group="data"),
+    Option("verify_shards", False, "check every shard's sha256 against manifest.json before "
+           "the first step (a progress bar; shard sizes are always checked)", group="data"),
     Option("network", "r50", "feature encoder", NETWORKS, group="model"),
     Option("network_args", "", "extra get_model keyword arguments as a JSON object, e.g. "
            "'{\"blocks\": [1, 1, 1, 1], \"scale\": 1}' for a tiny mbf (tests); saved in "

@@ -25,6 +25,7 @@ from common.device import resolve_device
 from common.errors import UserError
 from common.progress import Progress
 from data_engine import build_loader
+from data_engine.loading.integrity import check_shards
 from model.backbones import get_model
 from model.heads import build_head, head_class
 from model.margins import build_margin
@@ -89,6 +90,8 @@ class Trainer:
         if self.device.startswith("cuda"):
             torch.backends.cudnn.benchmark = True
         self.pos = Position()
+        # Seconds now instead of a failed read hours in: sizes always, sha256s on request.
+        check_shards(config["shards"], hashes=config["verify_shards"])
         loader = self._loader(epoch=0, start_step=0)
         self.steps_per_epoch = len(loader)
         self.num_classes = loader.num_classes

@@ -8,6 +8,7 @@ loader worker processes (file handles are reopened lazily in each process).
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +28,7 @@ class ShardReader:
             with np.load(self.root / INDEX, allow_pickle=False) as index:
                 arrays = {name: index[name] for name in INDEX_ARRAYS}
             names = (self.root / IDENTITIES).read_text("utf-8", "surrogateescape").splitlines()
-        except (OSError, ValueError, KeyError) as error:
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:  # CRC: bit flip
             raise UserError(f"{self.root}: {INDEX}/{IDENTITIES} missing or invalid "
                             f"({error})") from None
         self.identity_start: np.ndarray = arrays["identity_start"]
@@ -45,10 +46,33 @@ class ShardReader:
                 == len(self.image_bytes) == self.num_images):
             raise UserError(f"{self.root}: {INDEX} or {IDENTITIES} does not match "
                             "manifest.json (rerun python -m data_engine.shard)")
+        self._check_bounds()
         self.image_labels = np.repeat(np.arange(self.num_identities, dtype=np.int64),
                                       np.diff(self.identity_start))
         self._fds: dict[int, int] = {}
         self._pid = os.getpid()
+
+    def _check_bounds(self, chunk: int = 1 << 20) -> None:
+        """Every image lies inside its shard as manifest.json sizes it (an edited or damaged
+        index would otherwise read other images' bytes); in chunks, for 42M images."""
+        sizes = np.array([int(shard["bytes"]) for shard in self.manifest["shards"]], np.int64)
+        for start in range(0, self.num_images, chunk):
+            shard = self.image_shard[start:start + chunk].astype(np.int64)
+            offset = self.image_offset[start:start + chunk]
+            if (shard < 0).any() or (shard >= len(sizes)).any():
+                bad = start + int(np.flatnonzero((shard < 0) | (shard >= len(sizes)))[0])
+                raise UserError(f"{self.root / INDEX}: image {bad} is in shard "
+                                f"{int(self.image_shard[bad])}, manifest.json lists "
+                                f"{len(sizes)} shards (rerun python -m data_engine.shard)")
+            outside = (offset < 0) | (offset + self.image_bytes[start:start + chunk]
+                                      > sizes[shard])
+            if outside.any():
+                bad = start + int(np.flatnonzero(outside)[0])
+                raise UserError(f"{self.root / INDEX}: image {bad} at bytes "
+                                f"{int(self.image_offset[bad])}+{int(self.image_bytes[bad])} "
+                                f"lies outside {self.shard_paths[int(self.image_shard[bad])].name}"
+                                f" ({int(sizes[int(self.image_shard[bad])])} bytes in "
+                                "manifest.json; rerun python -m data_engine.shard)")
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_fds": {}}
