@@ -183,15 +183,45 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     """Effective settings: defaults < RUN/config.toml (``--resume``) < ``--config`` < flags."""
     flags = {key: getattr(args, key) for key in DEFAULTS if hasattr(args, key)}
     config = dict(DEFAULTS)
+    saved_values: dict[str, Any] = {}
     if args.resume:
         saved = Path(flags.get("output", DEFAULTS["output"])) / "config.toml"
         if saved.is_file():
-            config.update(load_toml(saved))
+            saved_values = load_toml(saved)
+            config.update(saved_values)
     if args.config is not None:
         config.update(load_toml(args.config))
     config.update(flags)
     _check(config)
+    if saved_values:
+        _check_resume(saved_values, config, saved)
     return config
+
+
+# What makes a run the run it is (model shapes, the schedule, the sample order): a resumed
+# run keeps them. Paths, devices, workers and bookkeeping may change between sessions.
+FIXED_ON_RESUME = ("network", "network_args", "embedding_size", "head", "sample_rate", "k",
+                   "gamma", "strategy", "update_order", "margin", "margin_s", "margin_m",
+                   "epochs", "batch_size", "lr", "min_lr", "warmup_epochs", "momentum",
+                   "weight_decay", "clip_grad_norm", "seed")
+
+
+def _check_resume(saved: dict[str, Any], config: dict[str, Any], path: Path) -> None:
+    """``--resume`` with settings (flags or ``--config``) that make another run: one line
+    naming the saved file and each changed setting."""
+    changed = []
+    for key in FIXED_ON_RESUME:
+        if key not in saved or key not in config:
+            continue
+        old, new = saved[key], config[key]
+        if key == "network_args":
+            old, new = network_args({key: old}), network_args({key: new})
+        if old != new:
+            changed.append(f"{_flag(key)} {_show(saved[key])} -> {_show(config[key])}")
+    if changed:
+        raise UserError(f"--resume: {path} was trained with other settings ("
+                        f"{'; '.join(changed)}); a resumed run keeps them: drop those flags, "
+                        "or train into a new --output")
 
 
 def _check(config: dict[str, Any]) -> None:

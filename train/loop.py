@@ -23,6 +23,7 @@ import torch
 
 from common.device import resolve_device
 from common.errors import UserError
+from common.files import write_atomic
 from common.progress import Progress
 from data_engine import build_loader
 from data_engine.loading.integrity import check_shards
@@ -91,7 +92,7 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
         self.pos = Position()
         # Seconds now instead of a failed read hours in: sizes always, sha256s on request.
-        check_shards(config["shards"], hashes=config["verify_shards"])
+        self.dataset = check_shards(config["shards"], hashes=config["verify_shards"])
         loader = self._loader(epoch=0, start_step=0)
         self.steps_per_epoch = len(loader)
         self.num_classes = loader.num_classes
@@ -302,6 +303,7 @@ class Trainer:
             "scaler": self.step.scaler.state_dict(),
             "rng": rng_state(),
             "network": self.config["network"],
+            "dataset": self.dataset,
         }
         if self.image_stats is not None:
             state["image_stats"] = self.image_stats.state_dict()
@@ -312,6 +314,7 @@ class Trainer:
         self._exclude_from_throughput(started)
 
     def _restore(self, state: dict[str, Any]) -> None:
+        self._check_same_dataset(state)
         self.pos = Position(**state["position"])
         self.backbone.load_state_dict(state["backbone"])
         self.head.load_state_dict(state["head"])
@@ -321,6 +324,18 @@ class Trainer:
         if self.image_stats is not None and "image_stats" in state:
             self.image_stats.load_state_dict(state["image_stats"])
         set_rng_state(state["rng"])
+
+    def _check_same_dataset(self, state: dict[str, Any]) -> None:
+        """A run resumes on the data it started on (a copy elsewhere is fine, as the manifest
+        fingerprint travels with it); another dataset would silently mislabel every class."""
+        trained_on = state.get("dataset")
+        if trained_on is not None and trained_on != self.dataset:
+            raise UserError(f"--resume: {self.ckpt_dir} was trained on another dataset "
+                            f"({trained_on['num_identities']} identities, "
+                            f"{trained_on['num_images']} images) than --shards "
+                            f"{self.config['shards']} ({self.dataset['num_identities']}, "
+                            f"{self.dataset['num_images']}, other fingerprint); resume with "
+                            "the run's own shards, or train into a new --output")
 
     def _backbone_weights(self) -> dict[str, torch.Tensor]:
         """CPU copies, so the file loads on machines without a GPU."""
@@ -333,4 +348,4 @@ class Trainer:
                 "embedding_size": self.config["embedding_size"],
                 "network_args": network_args(self.config),
                 "head": self.config["head"], "step": self.pos.step, "epoch": self.pos.epoch}
-        (self.run_dir / "model.json").write_text(json.dumps(info, indent=1) + "\n")
+        write_atomic(self.run_dir / "model.json", (json.dumps(info, indent=1) + "\n").encode())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 from common.errors import UserError
 from common.progress import Progress
@@ -18,9 +19,11 @@ from data_engine.layout import read_manifest
 _CHUNK = 8 << 20
 
 
-def check_shards(shards_dir: str | os.PathLike, *, hashes: bool = False) -> int:
+def check_shards(shards_dir: str | os.PathLike, *, hashes: bool = False) -> dict[str, Any]:
     """Compare every shard's size (and, with ``hashes``, its sha256) with ``manifest.json``;
-    a mismatch is a UserError naming the shard and both values. Returns the bytes checked."""
+    a mismatch is a UserError naming the shard and both values. Returns what identifies
+    the dataset wherever the folder is copied (``fingerprint``, ``num_identities``,
+    ``num_images``), for a resumed run to compare with the one it was trained on."""
     root = Path(shards_dir)
     manifest = read_manifest(root)
     entries = manifest.get("shards")
@@ -55,7 +58,7 @@ def check_shards(shards_dir: str | os.PathLike, *, hashes: bool = False) -> int:
                     raise UserError(f"{path}: sha256 {digest}, manifest.json says "
                                     f"{entry['sha256']} (damaged copy? copy it again or rerun "
                                     "python -m data_engine.shard)")
-    return total
+    return {key: manifest.get(key) for key in ("fingerprint", "num_identities", "num_images")}
 
 
 def _sha256(path: Path, progress: Progress) -> str:
