@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from common.errors import UserError
+from common.files import WriteError
 from train import checkpoint as ckpt
 from train.__main__ import build_parser
 from train.config import DEFAULTS, load_toml, resolve, to_toml
@@ -73,7 +74,7 @@ def test_crash_mid_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ckpt.torch, "save", dies_half_way)
-    with pytest.raises(OSError):
+    with pytest.raises(WriteError, match=r"step-000000020\.pt: disk full"):
         ckpt.save_checkpoint(tmp_path, 20, {"w": torch.zeros(4)}, keep=3)
     assert sorted(p.name for p in tmp_path.iterdir()) == [good.name]  # no temp left behind
     path, state = ckpt.latest_checkpoint(tmp_path)
