@@ -27,6 +27,7 @@ from common.cli import (
     setup_logging,
 )
 from common.errors import UserError
+from common.files import write_atomic
 from evaluate.onnx_model import INPUT_RANGES
 
 log = logging.getLogger("evaluate")
@@ -218,7 +219,7 @@ def run_verification(args: argparse.Namespace) -> int:
 
 def _write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    write_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
     log.info("metrics written to %s", path)
 
 

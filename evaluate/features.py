@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from common.errors import UserError, first_line
+from common.files import write_atomic
 from common.progress import Progress
 
 log = logging.getLogger("evaluate.features")
@@ -204,9 +205,10 @@ def cached_features(cache: Path | None, key: dict,
             return np.load(cache)
     features = compute()
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(cache.name + ".tmp.npy")
-    np.save(tmp, features)
-    tmp.replace(cache)
-    sidecar.write_text(json.dumps(key, indent=1) + "\n")
+    # The sidecar is the commit point: gone while the features change, written last, so a
+    # crash in between leaves features that no key matches (recomputed), never wrong ones.
+    sidecar.unlink(missing_ok=True)
+    write_atomic(cache, lambda file: np.save(file, features))
+    write_atomic(sidecar, (json.dumps(key, indent=1) + "\n").encode())
     log.info("cached features in %s", cache)
     return features

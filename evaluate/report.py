@@ -21,6 +21,7 @@ matplotlib.use("Agg")  # files only: the report must render on machines without 
 import matplotlib.pyplot as plt
 
 from common.errors import UserError
+from common.files import write_atomic
 from data_engine.layout import read_manifest
 from evaluate.roc import plot_roc as plot_roc_curves
 from model.heads.attfc import dcc_capacity
@@ -71,7 +72,7 @@ def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[flo
 
 def _save(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_atomic(path, lambda file: fig.savefig(file, format=path.suffix[1:], dpi=110))
     plt.close(fig)
     return path
 
@@ -230,5 +231,5 @@ def write_report(run_dir: Path) -> Path:
         "",
     ]
     report = run_dir / "report.md"
-    report.write_text("\n".join(lines))
+    write_atomic(report, "\n".join(lines).encode())
     return report

@@ -10,8 +10,11 @@ comparable to the tables to the last digit. sklearn itself is not a dependency.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
+
+from common.files import write_atomic
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 METRIC_MAX_FPR = 3 * max(FARS)  # enough curve for tar_at_far (needs >= 2 x FAR)
@@ -135,5 +138,6 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str, title:
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(loc="lower right")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    write_atomic(Path(path), lambda file: figure.savefig(file, format=Path(path).suffix[1:],
+                                                        dpi=120))
     plt.close(figure)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import UserError
+from common.files import write_atomic
 from common.progress import Progress
 
 IMAGE_SIZE = 112
@@ -115,8 +116,7 @@ def write_bin(path: Path, jpeg_bytes: Sequence[bytes], issame: Sequence[bool]) -
     if len(jpeg_bytes) != 2 * len(issame):
         raise ValueError(f"{len(jpeg_bytes)} images for {len(issame)} pairs")
     payload = ([bytes(b) for b in jpeg_bytes], [bool(s) for s in issame])
-    with open(path, "wb") as f:
-        pickle.dump(payload, f, protocol=4)
+    write_atomic(Path(path), lambda file: pickle.dump(payload, file, protocol=4))
 
 
 def _fold_bounds(n: int, nfolds: int) -> list[tuple[int, int]]:
