@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -205,10 +206,13 @@ def cached_features(cache: Path | None, key: dict,
             return np.load(cache)
     features = compute()
     cache.parent.mkdir(parents=True, exist_ok=True)
-    # The sidecar is the commit point: gone while the features change, written last, so a
-    # crash in between leaves features that no key matches (recomputed), never wrong ones.
+    # Written beside the cache first (a full disk leaves the old cache and key intact); the
+    # sidecar is the commit point: gone while the features change, written last, so a crash
+    # in between leaves features that no key matches (recomputed), never wrong ones.
+    staged = cache.with_name(cache.name + ".new")
+    write_atomic(staged, lambda file: np.save(file, features))
     sidecar.unlink(missing_ok=True)
-    write_atomic(cache, lambda file: np.save(file, features))
+    os.replace(staged, cache)
     write_atomic(sidecar, (json.dumps(key, indent=1) + "\n").encode())
     log.info("cached features in %s", cache)
     return features
