@@ -8,7 +8,13 @@ per-image features to every metric (TAR@FAR, top-1/5/10, TPIR@FPIR):
 - ours: evaluate.ijb.score (sort-based pooling, BLAS pair blocks, faiss 1:N);
 - reference: bench/ijb_reference.py, the loops of insightface's eval_ijbc.py / ijb_1n.py.
 
-Meta parsing is outside both timings. The last line printed is one JSON object.
+Meta parsing is outside both timings. With ``--whole-process DIR`` it also writes that
+protocol to DIR as IJB-C files (meta/ijbc_*.txt and .csv, features F.npy, faceness S.npy;
+kept for the next run) and times both as a user meets them, each one whole process from
+interpreter start to the JSON file: ``python -m evaluate ijbc --root DIR --features F.npy
+--faceness S.npy --out ours.json`` against ``python bench/ijb_reference.py`` with the same
+arguments (pandas / np.loadtxt reading as eval_ijbc.py and ijb_1n.py do, then the loops).
+The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import json
 import logging
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -95,6 +102,81 @@ def flatten(metrics: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
+def _write_lines(path: Path, header: str | None, *columns) -> None:
+    lines = map(" ".join if header is None else ",".join,
+                zip(*(map(str, c.tolist() if isinstance(c, np.ndarray) else c)
+                      for c in columns)))
+    with path.open("w") as out:
+        if header is not None:
+            out.write(header + "\n")
+        for line in lines:
+            out.write(line + "\n")
+
+
+def write_ijbc(root: Path, images, features, faceness, protocol) -> None:
+    """The in-memory protocol as the IJB-C files ``python -m evaluate ijbc`` reads."""
+    meta = root / "meta"
+    meta.mkdir(parents=True, exist_ok=True)
+    _write_lines(meta / "ijbc_face_tid_mid.txt", None, images.names, images.templates,
+                 images.medias)
+    _write_lines(meta / "ijbc_template_pair_label.txt", None, protocol.pairs[:, 0],
+                 protocol.pairs[:, 1], protocol.labels)
+    for search_set in protocol.sets:
+        _write_lines(meta / f"ijbc_1N_{search_set.name}.csv", "TEMPLATE_ID,SUBJECT_ID,FILENAME",
+                     search_set.templates, search_set.subjects,
+                     [f"img/{t}.jpg" for t in search_set.templates.tolist()])
+    np.save(root / "F.npy", features)
+    np.save(root / "S.npy", faceness)
+    (root / "complete").write_text("")
+
+
+def time_process(command: list[str]) -> tuple[float, float]:
+    """Wall and CPU (children) seconds of one whole process."""
+    before = os.times()
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    after = os.times()
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+    return wall, (after.children_user - before.children_user
+                  + after.children_system - before.children_system)
+
+
+def whole_process(root: Path, images, features, faceness, protocol) -> dict:
+    """Both scorers as whole processes on the files in ``root``; returns the figures."""
+    if not (root / "complete").is_file():
+        start = time.perf_counter()
+        write_ijbc(root, images, features, faceness, protocol)
+        print(f"wrote {root} in {time.perf_counter() - start:.1f} s", flush=True)
+    repo = Path(__file__).resolve().parents[1]
+    data = ["--root", str(root), "--features", str(root / "F.npy"),
+            "--faceness", str(root / "S.npy")]
+    ours_json, reference_json = root / "ours.json", root / "reference.json"
+    env_python = [sys.executable]
+    os.environ["PYTHONPATH"] = str(repo)  # the children import the checkout's evaluate
+    ours_s, ours_cpu = time_process([*env_python, "-m", "evaluate", "ijbc", *data,
+                                     "--out", str(ours_json)])
+    print(f"ours (whole process):      {ours_s:8.2f} s (cpu {ours_cpu:.1f} s)", flush=True)
+    reference_s, reference_cpu = time_process([*env_python, str(repo / "bench" /
+                                                                "ijb_reference.py"),
+                                               *data, "--out", str(reference_json)])
+    print(f"reference (whole process): {reference_s:8.2f} s (cpu {reference_cpu:.1f} s)",
+          flush=True)
+    ours = json.loads(ours_json.read_text())
+    ours.pop("roc")
+    mine, theirs = flatten(ours), flatten(json.loads(reference_json.read_text()))
+    if mine.keys() != theirs.keys():
+        raise SystemExit(f"metric keys differ: {sorted(mine)} vs {sorted(theirs)}")
+    diff = max(abs(mine[k] - theirs[k]) for k in mine)
+    print(f"whole-process ratio reference/ours: {reference_s / ours_s:.1f}x, "
+          f"max |metric diff| = {diff:.3g}", flush=True)
+    return {"whole_ours_s": round(ours_s, 3), "whole_reference_s": round(reference_s, 3),
+            "whole_ratio": round(reference_s / ours_s, 2), "whole_max_abs_metric_diff": diff,
+            "whole_ours_cpu_s": round(ours_cpu, 2),
+            "whole_reference_cpu_s": round(reference_cpu, 2)}
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -113,6 +195,10 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of IJB-C size")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--whole-process", type=Path, metavar="DIR",
+                        help="also time both as whole processes on IJB-C files written to DIR")
+    parser.add_argument("--whole-only", action="store_true",
+                        help="with --whole-process: skip the in-process timing")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -122,6 +208,17 @@ def main() -> None:
           f"{len(np.unique(images.templates))} templates, {len(protocol.pairs)} pairs, "
           f"{len(np.unique(protocol.sets[2].templates))} probe templates", flush=True)
 
+    figures = {"scale": args.scale, "images": len(features), "pairs": len(protocol.pairs)}
+    if not args.whole_only:
+        figures.update(in_process(images, features, faceness, protocol))
+    if args.whole_process is not None:
+        figures.update(whole_process(args.whole_process, images, features, faceness, protocol))
+    print(json.dumps({**figures, "machine": machine(),
+                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}))
+
+
+def in_process(images, features, faceness, protocol) -> dict:
+    """Both scorers called in this process, from per-image features to every metric."""
     # wall time is the measure; CPU time (all threads) is printed too, as context on a
     # machine shared with other jobs
     start, cpu = time.perf_counter(), time.process_time()
@@ -139,13 +236,9 @@ def main() -> None:
         raise SystemExit(f"metric keys differ: {sorted(mine)} vs {sorted(theirs)}")
     diff = max(abs(mine[k] - theirs[k]) for k in mine)
     print(f"ratio reference/ours: {reference_s / ours_s:.1f}x, max |metric diff| = {diff:.3g}")
-    print(json.dumps({"ours_s": round(ours_s, 3), "reference_s": round(reference_s, 3),
-                      "ratio": round(reference_s / ours_s, 2), "max_abs_metric_diff": diff,
-                      "ours_cpu_s": round(ours_cpu, 2), "reference_cpu_s": round(reference_cpu, 2),
-                      "scale": args.scale, "images": len(features),
-                      "pairs": len(protocol.pairs), "machine": machine(),
-                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}))
-
+    return {"ours_s": round(ours_s, 3), "reference_s": round(reference_s, 3),
+            "ratio": round(reference_s / ours_s, 2), "max_abs_metric_diff": diff,
+            "ours_cpu_s": round(ours_cpu, 2), "reference_cpu_s": round(reference_cpu, 2)}
 
 if __name__ == "__main__":
     main()

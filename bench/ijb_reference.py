@@ -137,3 +137,52 @@ def evaluate(features, faceness, templates, medias, pairs, labels, g1, g2, probe
     mask = gen_mask(probe_ids, np.concatenate([g1_ids, g2_ids]))
     result.update(identification(probe_feats, gallery_feats, mask))
     return result
+
+
+def read_media_list(path):
+    """eval_ijbc.py: image_name template_id media_id, read with pandas."""
+    import pandas as pd
+
+    meta = pd.read_csv(path, sep=" ", header=None).values
+    return meta[:, 1].astype(np.int64), meta[:, 2].astype(np.int64)
+
+
+def read_pair_list(path):
+    """eval_ijbc.py: template1 template2 label, read with pandas."""
+    import pandas as pd
+
+    pairs = pd.read_csv(path, sep=" ", header=None).values
+    return pairs[:, :2].astype(np.int64), pairs[:, 2].astype(np.int64)
+
+
+def read_subject_list(path):
+    """ijb_1n.py: TEMPLATE_ID,SUBJECT_ID,... after a header, read with np.loadtxt."""
+    meta = np.loadtxt(path, dtype=str, skiprows=1, delimiter=",")
+    return meta[:, 0].astype(np.int64), meta[:, 1].astype(np.int64)
+
+
+def main() -> None:
+    """The reference as a whole process: read the IJB-C meta files and .npy features, score,
+    write the metrics as JSON (the same keys as ``python -m evaluate ijbc --out``)."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--root", type=Path, required=True, help="directory with meta/")
+    parser.add_argument("--features", type=Path, required=True)
+    parser.add_argument("--faceness", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    meta = args.root / "meta"
+    templates, medias = read_media_list(meta / "ijbc_face_tid_mid.txt")
+    pairs, labels = read_pair_list(meta / "ijbc_template_pair_label.txt")
+    g1, g2, probe = (read_subject_list(meta / f"ijbc_1N_{name}.csv")
+                     for name in ("gallery_G1", "gallery_G2", "probe_mixed"))
+    result = evaluate(np.load(args.features), np.load(args.faceness), templates, medias,
+                      pairs, labels, g1, g2, probe)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

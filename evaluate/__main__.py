@@ -4,6 +4,8 @@
   lfw / cfp_fp / agedb_30   10-fold verification accuracy on an insightface .bin
   synth-ijb / synth-bin     write synthetic benchmarks in those formats (held-out people)
   report RUN                RUN/report.md with plots and the paper-format results table
+  noise RUN                 RUN/noise/: photos attention found least like their label (TSV,
+                            thumbnails; precision/recall at K on planted synthetic noise)
 """
 
 from __future__ import annotations
@@ -104,6 +106,14 @@ def build_parser() -> ArgumentParser:
     synth_bin.add_argument("--first-identity", type=int, default=100_000)
     synth_bin.add_argument("--pairs", type=positive_int, default=600)
     synth_bin.add_argument("--seed", type=int, default=0)
+    noise = commands.add_parser("noise", help="rank an attfc run's likely mislabeled or "
+                                "unusable photos (RUN/noise/)")
+    noise.add_argument("run", type=existing_dir, metavar="RUN",
+                       help="attfc training run with RUN/image_stats.npz")
+    noise.add_argument("--shards", type=existing_dir,
+                       help="the run's shards (default: 'shards' in RUN/config.toml)")
+    noise.add_argument("--thumbnails", type=positive_int, default=24,
+                       help="suspects shown on the thumbnail page")
     report = commands.add_parser("report", help="write RUN/report.md with plots for a run")
     report.add_argument("run", type=existing_dir, metavar="RUN",
                         help="training run directory (evaluations read from RUN/eval/*.json)")
@@ -126,7 +136,6 @@ def _embedder(args: argparse.Namespace):
 
 def run_ijb(args: argparse.Namespace) -> int:
     from evaluate import ijb, ijb_meta
-    from evaluate.features import cached_features
     from evaluate.roc import roc_points
 
     prefix, root = args.command, args.root
@@ -137,6 +146,8 @@ def run_ijb(args: argparse.Namespace) -> int:
     if args.model is not None or (args.detector_score and args.faceness is None):
         landmarks = ijb_meta.read_landmarks(root, prefix, images.names)
     if args.model is not None:
+        from evaluate.features import cached_features  # torch: only when a network runs
+
         embed = _embedder(args)
         model = Path(args.model).resolve()
         cache = None if args.no_cache else (args.cache or model.parent / f"{prefix}_features.npy")
@@ -250,6 +261,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_ijb(args)
     if args.command in VERIFICATION_SETS:
         return run_verification(args)
+    if args.command == "noise":
+        from evaluate.noise import write_noise
+
+        print(f"noise report written to {write_noise(args.run, args.shards, args.thumbnails)}")
+        return 0
     if args.command == "report":
         from evaluate.report import write_report
 

@@ -10,10 +10,16 @@ Layout (``P`` = ``ijbc`` or ``ijbb``)::
     ROOT/loose_crop/image_name
 
 Row ``i`` of a feature matrix is image line ``i`` of ``face_tid_mid``, as in eval_ijbc.py.
+
+The big files (15.7M pair lines, 470k image lines for IJB-C) are parsed vectorised: tokens
+counted per line and numbers converted in C. Only a file that fails that fast path is read
+again line by line, to name the first bad line (or to accept what the fast path is too
+strict for, with the same result).
 """
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +29,8 @@ import numpy as np
 from common.errors import UserError
 
 GALLERIES = {"ijbc": ("G1", "G2"), "ijbb": ("S1", "S2")}
+_FIRST_TWO_FIELDS = re.compile(rb"^([^,\n]*),([^,\n]*)", re.MULTILINE)
+_NON_BLANK_LINE = re.compile(rb"^[^\S\n]*\S", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -69,9 +77,29 @@ def _bad_line(path: Path, number: int, line: str, expected: str) -> UserError:
 def read_image_meta(root: Path, prefix: str) -> ImageMeta:
     """``P_face_tid_mid.txt``: image name, template id, media id per line."""
     path = meta_path(root, prefix, "face_tid_mid.txt")
+    if not path.is_file():
+        raise UserError(f"{path}: missing (image to template/media list)")
+    data = path.read_bytes()
+    if _first_bad_line(data, 3) is None:
+        tokens = data.split()
+        try:
+            ids = np.array(tokens[1::3] + tokens[2::3]).astype(np.int64)
+        except (ValueError, OverflowError):
+            ids = None
+        if ids is not None and tokens:
+            try:
+                names = [name.decode() for name in tokens[0::3]]
+            except UnicodeDecodeError:
+                names = None
+            if names is not None:
+                count = len(names)
+                return ImageMeta(names, ids[:count].copy(), ids[count:].copy())
+    return _read_image_meta_lines(path, data.decode(errors="replace"))
+
+
+def _read_image_meta_lines(path: Path, text: str) -> ImageMeta:
     names, templates, medias = [], [], []
-    for number, line in enumerate(_open_text(path, "image to template/media list").splitlines(),
-                                  1):
+    for number, line in enumerate(text.splitlines(), 1):
         fields = line.split()
         if not fields:
             continue
@@ -132,7 +160,7 @@ def read_pairs(root: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
         except (ValueError, DeprecationWarning):
             values = None
     if values is None or _first_bad_line(data, 3) is not None \
-            or not np.isin(values[2::3], (0, 1)).all():
+            or not (values[2::3].astype(np.uint64) <= 1).all():
         _check_pair_lines(path, data)  # raises naming the line
         raise UserError(f"{path}: unreadable pair list")
     if not len(values):
@@ -144,20 +172,25 @@ def read_pairs(root: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
 def _first_bad_line(data: bytes, fields: int, chunk: int = 1 << 24) -> int | None:
     """1-based number of the first non-blank line without exactly ``fields`` tokens.
 
-    Vectorised per 16 MB chunk (token starts counted per line), so checking IJB-C's 15.7M
-    lines costs a fraction of a second.
+    Vectorised per 16 MB chunk (token starts summed up to each newline), so checking
+    IJB-C's 15.7M lines costs a fraction of a second.
     """
     lines_before, pos = 0, 0
     while pos < len(data):
         end = data.find(b"\n", pos + chunk - 1)
         end = len(data) if end < 0 else end + 1
         buf = np.frombuffer(data, np.uint8, count=end - pos, offset=pos)
-        newlines = np.flatnonzero(buf == 10)
         token = buf > 32  # tokens are printable; separators are space, tab, CR, LF
-        starts = np.flatnonzero(token[1:] & ~token[:-1]) + 1
-        if token[0]:
-            starts = np.r_[0, starts]
-        counts = np.diff(np.r_[0, np.searchsorted(starts, newlines), len(starts)])
+        starts = np.empty_like(token)
+        starts[0] = token[0]
+        np.greater(token[1:], token[:-1], out=starts[1:])  # a token byte after a separator
+        newlines = np.flatnonzero(buf == 10)
+        # counted modulo 256 (uint8 wraps, and is fastest): exact while no line has 256+
+        # tokens, which lines shorter than 511 bytes cannot have
+        short = np.diff(newlines, prepend=-1, append=len(buf)).max() < 511
+        tokens_so_far = np.cumsum(starts, dtype=np.uint8 if short else np.int64)
+        at_ends = np.r_[tokens_so_far[newlines], tokens_so_far[-1]]
+        counts = np.diff(at_ends, prepend=at_ends.dtype.type(0))
         bad = np.flatnonzero((counts != 0) & (counts != fields))
         if len(bad):
             return lines_before + int(bad[0]) + 1
@@ -177,9 +210,21 @@ def _check_pair_lines(path: Path, data: bytes) -> None:
 def read_search_set(root: Path, prefix: str, name: str) -> SearchSet:
     """A 1:N CSV (``gallery_G1``, ``probe_mixed``...): header, TEMPLATE_ID, SUBJECT_ID, ..."""
     path = meta_path(root, prefix, f"1N_{name}.csv")
-    lines = _open_text(path, "1:N protocol list").splitlines()
+    if not path.is_file():
+        raise UserError(f"{path}: missing (1:N protocol list)")
+    data = path.read_bytes()
+    body = data[data.find(b"\n") + 1:] if b"\n" in data else b""  # line 1 is the header
+    fields = _FIRST_TWO_FIELDS.findall(body)
+    if fields and len(fields) == len(_NON_BLANK_LINE.findall(body)):
+        try:
+            ids = np.array(fields).astype(np.int64)
+        except (ValueError, OverflowError):
+            ids = None
+        if ids is not None:
+            return SearchSet(name, ids[:, 0].copy(), ids[:, 1].copy())
+    lines = data.decode(errors="replace").splitlines()
     templates, subjects = [], []
-    for number, line in enumerate(lines[1:], 2):  # line 1 is the header
+    for number, line in enumerate(lines[1:], 2):
         if not line.strip():
             continue
         fields = line.split(",")
