@@ -44,8 +44,8 @@ def _add_model_flags(sub: argparse.ArgumentParser) -> None:
                      help="backbone of PyTorch weights; when omitted, RUN/model.json next to "
                      "--model, else r50 (an ONNX model carries its own)")
     sub.add_argument("--onnx-input", choices=INPUT_RANGES, default="auto",
-                     help="pixel scale an ONNX model takes: auto detects it as insightface "
-                     "does (first nodes Sub and Mul: raw 0-255, else [-1, 1])")
+                     help="pixel scale an ONNX model takes: raw 0-255, or scaled to [-1, 1]; "
+                     "auto detects it as insightface does (first nodes Sub and Mul: raw)")
     sub.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     sub.add_argument("--batch-size", type=positive_int, default=256)
     sub.add_argument("--no-flip", dest="flip", action="store_false",

@@ -54,6 +54,8 @@ def read_state_dict(path: Path | str) -> dict:
     on every key; it is dropped.
     """
     path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such weights file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as error:

@@ -20,16 +20,17 @@ from common.errors import UserError, first_line
 
 log = logging.getLogger("evaluate.onnx")
 
-INPUT_RANGES = ("auto", "0-255", "-1-1")  # --onnx-input: detect, raw pixels, [-1, 1]
+# --onnx-input: detect; raw 0-255 pixels; scaled to [-1, 1] as (x - 127.5) / 127.5
+INPUT_RANGES = ("auto", "raw", "scaled")
 FIRST_NODES = 8  # how many leading graph nodes insightface inspects
 
 
 def detect_input_range(graph) -> str:
-    """``0-255`` when the first nodes include both a subtraction and a multiplication."""
+    """``raw`` (0-255) when the first nodes include a subtraction and a multiplication."""
     names = [node.name for node in graph.node[:FIRST_NODES]]
     sub = any(name.startswith(("Sub", "_minus")) for name in names)
     mul = any(name.startswith(("Mul", "_mul")) for name in names)
-    return "0-255" if sub and mul else "-1-1"
+    return "raw" if sub and mul else "scaled"
 
 
 def choose_providers(device: str, available: list[str]) -> list[str]:
@@ -86,16 +87,16 @@ class OnnxEmbedder:
         self.input_name, self.output_name = inputs[0].name, outputs[0].name
         self.fixed_batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
         why = ("set by --onnx-input" if input_range != "auto" else
-               "first nodes subtract and multiply" if detected == "0-255" else
+               "first nodes subtract and multiply" if detected == "raw" else
                "no Sub/Mul among the first nodes")
         log.info("%s: ONNX input %s (%s), batch %s, %s", self.path,
-                 "raw pixels 0-255" if self.input_range == "0-255" else "(x - 127.5) / 127.5",
+                 "raw pixels 0-255" if self.input_range == "raw" else "(x - 127.5) / 127.5",
                  why, self.fixed_batch or "dynamic",
                  self.session.get_providers()[0].removesuffix("ExecutionProvider"))
 
     def __call__(self, batch: np.ndarray, *, flip: bool) -> np.ndarray:
         x = np.asarray(batch, dtype=np.float32)
-        if self.input_range == "-1-1":
+        if self.input_range == "scaled":
             x = x / np.float32(127.5) - np.float32(1.0)  # as model.backbones.normalize_images
         features = self._run(x)
         if flip:

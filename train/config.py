@@ -53,6 +53,10 @@ OPTIONS: tuple[Option, ...] = (
            "'{\"blocks\": [1, 1, 1, 1], \"scale\": 1}' for a tiny mbf (tests); saved in "
            "model.json", group="model"),
     Option("embedding_size", 512, "feature dimension D", group="model"),
+    Option("init", "", "fine-tune: start the feature encoder (and attfc's class encoder, its "
+           "copy) from these weights, a state_dict such as arcface_torch's backbone.pth or "
+           "another run's RUN/model.pt, loaded strictly into --network; the head starts "
+           "empty; on --resume the checkpoint's weights count instead", group="model"),
     Option("head", "attfc", "classification head", HEADS, group="model"),
     Option("sample_rate", 0.3, "attfc: DCC size ratio r (S = r*N); partialfc: sampling rate",
            group="model"),
@@ -83,6 +87,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("precision", "auto", "autocast precision (auto: bf16 on CUDA, fp32 on CPU; fp16 "
            "adds a grad scaler)", ("auto", "bf16", "fp16", "fp32"), group="speed"),
     Option("compile", False, "torch.compile the feature encoder", group="speed"),
+    Option("deterministic", False, "deterministic kernels (no cuDNN autotuning): a run, "
+           "interrupted and resumed or not, gives bit-identical weights on the same GPU; "
+           "slower", group="speed"),
     Option("prefetch", 2, "batches prepared ahead by a background thread (0: load in the "
            "training thread, for debugging)", group="speed"),
     Option("log_every", 50, "steps between log lines / metrics.jsonl records (the only "
@@ -97,6 +104,15 @@ OPTIONS: tuple[Option, ...] = (
            group="bookkeeping"),
     Option("tensorboard", True, "write TensorBoard scalars to RUN/tensorboard",
            group="bookkeeping"),
+    Option("sync_bn", False, "under torchrun: batch-norm statistics over the global batch "
+           "(every rank's samples), as one GPU with that batch computes them",
+           group="distributed"),
+    Option("dist_timeout", 1800, "under torchrun: seconds a collective waits for the other "
+           "ranks before this one stops with an error (a rank died or hangs); rank 0 "
+           "validates alone, so keep it above the validation time", group="distributed"),
+    Option("check_replicas", False, "under torchrun, for debugging: after every step check "
+           "that the weights and the attfc container and class encoder are bit-identical on "
+           "every rank", group="distributed"),
 )
 DEFAULTS: dict[str, Any] = {o.key: o.default for o in OPTIONS}
 _BY_KEY = {o.key: o for o in OPTIONS}
@@ -232,7 +248,7 @@ def _check(config: dict[str, Any]) -> None:
     if config["val"] not in ("auto", "none") and not Path(config["val"]).is_dir():
         raise UserError(f"--val {config['val']}: not a directory")
     for key in ("epochs", "batch_size", "k", "embedding_size", "log_every", "ckpt_every",
-                "keep", "max_nonfinite"):
+                "keep", "max_nonfinite", "dist_timeout"):
         if config[key] <= 0:
             raise UserError(f"{_flag(key)} {config[key]}: must be > 0")
     for key in ("max_steps", "workers", "val_every", "warmup_epochs", "min_lr", "prefetch",

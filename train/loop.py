@@ -4,6 +4,11 @@ Read top to bottom, :meth:`Trainer.fit` is the whole story; the helpers below it
 one bookkeeping job. Progress is (epoch, step in epoch, global step); the loader restarts
 from (epoch, step in epoch) and the learning rate is a function of the global step, so a
 run resumed from a checkpoint takes exactly the steps the uninterrupted run would have.
+
+Under torchrun every rank runs this same loop on its slice of each global batch, in
+lockstep: the ranks agree on stopping after every step, rank 0 alone logs, validates (the
+others wait) and writes the run folder, and a checkpoint holds the whole model whatever
+the number of ranks, so a run resumes on another number of GPUs with the same global batch.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -20,25 +26,35 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
-from common.device import resolve_device
 from common.errors import UserError
 from common.files import write_atomic
 from common.progress import Progress
 from data_engine import build_loader
 from data_engine.loading.integrity import check_shards
+from evaluate.features import load_weights, read_state_dict
 from model.backbones import get_model
 from model.heads import build_head, head_class
 from model.margins import build_margin
 from train.checkpoint import (
     atomic_save,
+    gather_rows,
     latest_checkpoint,
     list_checkpoints,
+    load_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    take_rows,
 )
 from train.config import network_args
+from train.distributed import (
+    check_replicas,
+    collective_failure,
+    convert_sync_bn,
+    init_world,
+)
 from train.image_stats import ImageStats
 from train.metrics import MetricsLog, peak_memory_bytes, postfix
 from train.prefetch import Prefetcher
@@ -70,6 +86,16 @@ def resolve_precision(precision: str, device: str) -> str:
     return precision
 
 
+def _use_deterministic_kernels() -> None:
+    """Same inputs, same bits on the same GPU: fixed cuDNN algorithms, cuBLAS with a fixed
+    workspace, deterministic variants where torch has them (a warning names any op without
+    one instead of stopping the run)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read at cuBLAS's first use
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
 class Trainer:
     """Builds the model, head, optimizer and loader for one run directory and trains."""
 
@@ -77,7 +103,8 @@ class Trainer:
                  inject_nan: list[tuple[int, int]] | None = None) -> None:
         self.config = config
         self.inject_nan = inject_nan or []
-        self.device = resolve_device(config["device"])
+        self.world, self.device = init_world(config["device"], config["dist_timeout"])
+        self.global_batch = config["batch_size"] * self.world.world_size
         self.precision = resolve_precision(config["precision"], self.device)
         self.run_dir = Path(config["output"])
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -88,21 +115,31 @@ class Trainer:
         torch.manual_seed(seed)
         np.random.seed(seed)
         random.seed(seed)
-        if self.device.startswith("cuda"):
+        if config["deterministic"]:
+            _use_deterministic_kernels()
+        elif self.device.startswith("cuda"):
             torch.backends.cudnn.benchmark = True
         self.pos = Position()
         # Seconds now instead of a failed read hours in: sizes always, sha256s on request.
         self.dataset = check_shards(config["shards"], hashes=config["verify_shards"])
+        self.loader = None  # each epoch's loader takes over its predecessor's decode workers
         loader = self._loader(epoch=0, start_step=0)
         self.steps_per_epoch = len(loader)
         self.num_classes = loader.num_classes
         if self.steps_per_epoch == 0:
+            ranks = f" x {self.world.world_size} ranks" if self.world.world_size > 1 else ""
             raise UserError(f"--shards {config['shards']}: {loader.num_images} images make no "
-                            f"full batch of --batch-size {config['batch_size']}")
+                            f"full batch of --batch-size {config['batch_size']}{ranks}")
+        loader.start()
         self.total_steps = config["epochs"] * self.steps_per_epoch
         self.last_step = min(self.total_steps, config["max_steps"] or self.total_steps)
 
-        self.backbone, self.head, self.optimizer = self._build_model()
+        self.backbone, self.head, self.optimizer = self._build_model(fresh=checkpoint is None)
+        # Under torchrun the backbone's gradients are averaged over the ranks (also for one).
+        self.ddp = DistributedDataParallel(
+            self.backbone, device_ids=[self.world.local_rank] if self.device.startswith("cuda")
+            else None) if self.world.launched else None
+        sharded = getattr(self.head, "weight_rows", None) is not None
         self.image_stats = (ImageStats(loader.num_images, config["k"], self.device)
                             if self.head.needs_class_images else None)
         self.step = TrainStep(self.backbone, self.head, self.optimizer, device=self.device,
@@ -110,10 +147,15 @@ class Trainer:
                               channels_last=self.device.startswith("cuda"),
                               compile_backbone=config["compile"],
                               clip_grad_norm=config["clip_grad_norm"],
-                              image_stats=self.image_stats)
+                              image_stats=self.image_stats, forward_module=self.ddp,
+                              sum_over_ranks=(self.world.sum if self.world.world_size > 1
+                                              else None),
+                              world_size=self.world.world_size,
+                              sharded=(self.head.weight,) if sharded else ())
         if checkpoint is not None:
             self._restore(checkpoint)
-        self.validator = self._validator()
+        self.validator = self._validator() if self.world.is_main else None
+        self.validates = self.world.broadcast(self.validator is not None)
 
     def _validator(self) -> Validator | None:
         val = self.config["val"]
@@ -129,38 +171,58 @@ class Trainer:
                 raise UserError(f"--output {self.run_dir} already holds checkpoints: add "
                                 "--resume to continue that run, or choose another --output")
             return None
-        found = latest_checkpoint(self.ckpt_dir)
-        if found is None:
+        found = latest_checkpoint(self.ckpt_dir) if self.world.is_main else None
+        path = self.world.broadcast(None if found is None else found[0])  # one file for all
+        if path is None:
             raise UserError(f"--resume: no readable checkpoint in {self.ckpt_dir}")
-        log.info("resuming from %s", found[0])
-        return found[1]
+        log.info("resuming from %s", path)
+        return found[1] if found is not None else load_checkpoint(path)
 
     def _loader(self, *, epoch: int, start_step: int):
+        """The epoch's loader, reusing the run's one pool of decode workers (forked once,
+        before the model touches CUDA; closed when fit ends)."""
         c = self.config
         k = c["k"] if head_class(c["head"]).needs_class_images else 0
-        return build_loader(c["shards"], c["batch_size"], k, seed=c["seed"], epoch=epoch,
-                            start_step=start_step, backend=c["backend"], device=self.device,
-                            workers=c["workers"] or None, skip_bad=c["skip_bad"])
+        self.loader = build_loader(c["shards"], c["batch_size"], k, seed=c["seed"],
+                                   epoch=epoch, start_step=start_step, backend=c["backend"],
+                                   device=self.device, workers=c["workers"] or self._workers(),
+                                   skip_bad=c["skip_bad"], reuse=self.loader,
+                                   rank=self.world.rank, world_size=self.world.world_size)
+        return self.loader
 
-    def _build_model(self) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.SGD]:
+    def _workers(self) -> int | None:
+        """Default decode workers: the loader's (all CPUs) alone, a share per rank under
+        torchrun (its ranks on one node split the node's CPUs)."""
+        if not self.world.launched:
+            return None
+        return max(1, (os.cpu_count() or 1) // self.world.local_world_size)
+
+    def _build_model(self, *, fresh: bool
+                     ) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.SGD]:
         c = self.config
         try:
             backbone = get_model(c["network"], embedding_size=c["embedding_size"],
                                  **network_args(c))
         except TypeError as error:
             raise UserError(f"--network-args {c['network_args']}: {error}") from None
+        if c["init"] and fresh:  # before build_head: attfc's class encoder starts as a copy
+            load_weights(backbone, read_state_dict(c["init"]), c["init"], c["network"])
+            log.info("feature encoder initialised from %s", c["init"])
+        if c["sync_bn"] and self.world.world_size > 1:
+            backbone = convert_sync_bn(backbone)  # before build_head: attfc copies it
         backbone = backbone.to(self.device)
         if self.device.startswith("cuda"):
             # Before build_head: the attfc class encoder is a copy and inherits the layout.
             backbone = backbone.to(memory_format=torch.channels_last)
         margin = build_margin(c["margin"], s=c["margin_s"], m=c["margin_m"])
         head = build_head(c["head"], num_classes=self.num_classes,
-                          embedding_size=c["embedding_size"], batch_size=c["batch_size"],
+                          embedding_size=c["embedding_size"], batch_size=self.global_batch,
                           margin=margin,
                           feature_encoder=backbone,
                           sample_rate=c["sample_rate"], k=c["k"], momentum=c["gamma"],
                           strategy=c["strategy"],
-                          update_order=c["update_order"]).to(self.device)
+                          update_order=c["update_order"],
+                          ranks=self.world.ranks).to(self.device)
         params = [p for module in (backbone, head) for p in module.parameters()
                   if p.requires_grad]
         optimizer = make_optimizer(params, lr=c["lr"], momentum=c["momentum"],
@@ -170,18 +232,39 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------
 
     def fit(self) -> int:
-        """Train until the last epoch, --max-steps or a stop signal; 0 on a clean finish."""
+        """Train until the last epoch, --max-steps or a stop signal; 0 on a clean finish.
+
+        Under torchrun, a collective that fails because another rank died or hung ends this
+        rank with one line saying so, instead of a traceback.
+        """
+        try:
+            code = self._fit()
+        except Exception as error:
+            failure = collective_failure(error, self.world, self.config["dist_timeout"])
+            if failure is None:
+                raise
+            raise failure from error
+        self.world.close()
+        return code
+
+    def _fit(self) -> int:
         c = self.config
         log.info("%s %s on %s (%s): %d classes, %d steps/epoch, steps %d..%d of %d",
                  c["network"], c["head"], self.device, self.precision, self.num_classes,
                  self.steps_per_epoch, self.pos.step, self.last_step, self.total_steps)
-        self.metrics = MetricsLog(self.run_dir, tensorboard=c["tensorboard"],
-                                  resume_step=self.pos.step)
+        if self.world.launched:
+            log.info("%d ranks x --batch-size %d = global batch %d%s", self.world.world_size,
+                     c["batch_size"], self.global_batch,
+                     ", --sync-bn" if c["sync_bn"] and self.world.world_size > 1 else "")
+        self.metrics = (MetricsLog(self.run_dir, tensorboard=c["tensorboard"],
+                                   resume_step=self.pos.step) if self.world.is_main else None)
         self.saved_at = self.pos.step
-        with StopRequest() as stop, self.metrics, Progress(
-                self.last_step - self.pos.step, "train", "step") as self.progress:
+        self.stopping = False
+        with StopRequest() as stop, self.metrics or contextlib.nullcontext(), self.loader, \
+                Progress(self.last_step - self.pos.step, "train", "step",
+                         tty=None if self.world.is_main else False) as self.progress:
             self.tick, self.tick_step = time.perf_counter(), self.pos.step
-            while self.pos.step < self.last_step and not stop.requested:
+            while self.pos.step < self.last_step and not self._agree_to_stop(stop):
                 if self._train_epoch(stop):
                     self.pos.epoch += 1
                     self.pos.step_in_epoch = 0
@@ -191,9 +274,12 @@ class Trainer:
             if self.saved_at != self.pos.step:
                 self._save()
             self._export_model()
-        if stop.requested:
-            print(f"stopped by {stop.signal_name} at step {self.pos.step}; resume with: "
-                  f"python -m train --output {self.run_dir} --resume", flush=True)
+        if not self.world.is_main:
+            return 0
+        if self.stopping:
+            print(f"stopped by {stop.signal_name or 'a signal to another rank'} at step "
+                  f"{self.pos.step}; resume with: python -m train --output {self.run_dir} "
+                  "--resume", flush=True)
         else:
             log.info("finished at step %d; model: %s", self.pos.step,
                      self.run_dir / "model.pt")
@@ -209,13 +295,14 @@ class Trainer:
                   else contextlib.nullcontext(loader)) as batches:
                 for batch in batches:
                     self._train_step(batch)
+                    self._agree_to_stop(stop)
                     if self.pos.step_in_epoch == self.steps_per_epoch:
                         return True  # the caller validates and checkpoints at the epoch end
                     if c["val_every"] and self.pos.step % c["val_every"] == 0:
                         self._validate()
                     if self.pos.step % c["ckpt_every"] == 0:
                         self._save()
-                    if stop.requested or self.pos.step >= self.last_step:
+                    if self.stopping or self.pos.step >= self.last_step:
                         return False
         finally:
             if loader.skipped:
@@ -232,11 +319,33 @@ class Trainer:
         self.pos.step += 1
         self.pos.step_in_epoch += 1
         self.progress.update()
+        if c["check_replicas"]:
+            check_replicas(self._replicated(), self.world, self.pos.step)
         if self.pos.step % c["log_every"] == 0 or self.pos.step == self.last_step:
             self._log(lr, stats)
 
+    def _agree_to_stop(self, stop: StopRequest) -> bool:
+        """Whether a stop signal reached any rank: every rank stops after the same step."""
+        self.stopping = self.world.any(stop.requested)
+        return self.stopping
+
     def _poisoned(self, step: int) -> bool:
         return any(first <= step <= last for first, last in self.inject_nan)
+
+    def _replicated(self) -> dict[str, torch.Tensor]:
+        """What every rank must hold bit for bit after a step (--check-replicas): the
+        weights, and attfc's container and class encoder. Without --sync-bn each rank's BN
+        running statistics are its own, so buffers count only with it (or the container's)."""
+        tensors = {f"backbone {name}": p for name, p in self.backbone.named_parameters()}
+        for name, value in self.head.named_parameters():
+            if not (name == "weight" and getattr(self.head, "weight_rows", None)):
+                tensors[f"head {name}"] = value
+        for name, value in self.head.named_buffers():
+            if self.config["sync_bn"] or not name.startswith("class_encoder."):
+                tensors[f"head {name}"] = value
+        if self.config["sync_bn"]:
+            tensors.update({f"backbone {n}": b for n, b in self.backbone.named_buffers()})
+        return tensors
 
     # -- bookkeeping (each of these syncs with the device, so they run only now and then) --
 
@@ -254,9 +363,11 @@ class Trainer:
         """One metrics record and the progress postfix; throughput is since the last log."""
         self._check_finite()
         loss = self.step.read_loss()
+        stats = self._stats_over_ranks(stats)
+        if not self.world.is_main:
+            return
         now = time.perf_counter()
-        samples_per_s = (self.pos.step - self.tick_step) * self.config["batch_size"] / (
-            now - self.tick)
+        samples_per_s = (self.pos.step - self.tick_step) * self.global_batch / (now - self.tick)
         images_per_sample = 1 + self.config["k"] if self.head.needs_class_images else 1
         record = {
             "step": self.pos.step,
@@ -268,19 +379,36 @@ class Trainer:
             **{name: float(value) for name, value in stats.items()},
             "nonfinite_total": int(self.step.nonfinite_total),
             "mem_bytes": peak_memory_bytes(self.device),
+            "global_batch": self.global_batch,
         }
         self.metrics.write(record)
         self.progress.set_postfix(postfix(record, self.config["epochs"]))
         self.tick, self.tick_step = time.perf_counter(), self.pos.step
+
+    def _stats_over_ranks(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The head's stats of the global batch: counts added over the ranks, the rest
+        averaged (each rank's are of its equal share of samples)."""
+        if self.world.world_size == 1:
+            return stats
+        summed = getattr(self.head, "summed_stats", ())
+        return {name: self.world.sum(value.float()) / (
+                1 if name in summed else self.world.world_size) for name, value in stats.items()}
 
     def _exclude_from_throughput(self, started: float) -> None:
         """Validation and checkpoints are not training: keep their time out of samples/s."""
         self.tick += time.perf_counter() - started
 
     def _validate(self) -> None:
-        if self.validator is None:
+        """Rank 0 validates; the other ranks wait for it."""
+        if not self.validates:
             return
         started = time.perf_counter()
+        if self.validator is not None:
+            self._validate_here()
+        self.world.wait_for_main()
+        self._exclude_from_throughput(started)
+
+    def _validate_here(self) -> None:
         results = self.validator(self.backbone)
         self.metrics.write({"step": self.pos.step, "epoch": self.pos.epoch, "kind": "val",
                             **results}, prefix="val")
@@ -289,41 +417,101 @@ class Trainer:
             atomic_save(self._backbone_weights(), self.run_dir / "best.pt")
             log.info("new best mean validation accuracy %.4f: %s", results["mean"],
                      self.run_dir / "best.pt")
-        self._exclude_from_throughput(started)
 
     def _save(self) -> None:
         started = time.perf_counter()
         self._check_finite()
         self.pos.nonfinite_total = int(self.step.nonfinite_total)
+        head, optimizer = self._whole_head_state()
+        image_stats = self._whole_image_stats()
+        if not self.world.is_main:  # the others took part in gathering; rank 0 writes
+            self.saved_at = self.pos.step
+            return
         state = {
             "position": asdict(self.pos),
             "backbone": self.backbone.state_dict(),
-            "head": self.head.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "head": head,
+            "optimizer": optimizer,
             "scaler": self.step.scaler.state_dict(),
             "rng": rng_state(),
             "network": self.config["network"],
             "dataset": self.dataset,
+            "global_batch": self.global_batch,
+            "world_size": self.world.world_size,
         }
-        if self.image_stats is not None:
-            state["image_stats"] = self.image_stats.state_dict()
-            self.image_stats.write(self.run_dir)
+        if image_stats is not None:
+            state["image_stats"] = image_stats.state_dict()
+            image_stats.write(self.run_dir)
         path = save_checkpoint(self.ckpt_dir, self.pos.step, state, self.config["keep"])
         self.saved_at = self.pos.step
         log.info("checkpoint %s", path)
         self._exclude_from_throughput(started)
 
+    def _whole_head_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Head and optimizer state as one process holds them: a split head's rows (and
+        their momentum) gathered into the whole matrix on rank 0 (all ranks take part)."""
+        head, optimizer = self.head.state_dict(), self.optimizer.state_dict()
+        if getattr(self.head, "weight_rows", None) is None:
+            return head, optimizer
+        ranks, rows = self.world.ranks, self.head.num_classes
+        index = self._optimizer_index(self.head.weight)
+        moment = optimizer["state"][index]
+        head["weight"] = gather_rows(head["weight"], rows, ranks)
+        # A new dict: the optimizer's own state must keep this rank's rows.
+        optimizer["state"] = {**optimizer["state"], index: {
+            **moment, "momentum_buffer": gather_rows(moment["momentum_buffer"], rows, ranks)}}
+        return head, optimizer
+
+    def _optimizer_index(self, param: torch.nn.Parameter) -> int:
+        """``param``'s key in the optimizer's state_dict (its place over all groups)."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        return next(i for i, p in enumerate(params) if p is param)
+
+    def _whole_image_stats(self) -> ImageStats | None:
+        """The per-image sums over every rank's class images (each rank saw other ones)."""
+        if self.image_stats is None or self.world.world_size == 1:
+            return self.image_stats
+        whole = ImageStats(self.image_stats.count.numel(), self.image_stats.k, self.device)
+        whole.load_state_dict({name: self.world.sum(value)
+                               for name, value in self.image_stats.state_dict().items()})
+        return whole
+
     def _restore(self, state: dict[str, Any]) -> None:
         self._check_same_dataset(state)
+        self._check_global_batch(state)
         self.pos = Position(**state["position"])
         self.backbone.load_state_dict(state["backbone"])
-        self.head.load_state_dict(state["head"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        head, optimizer = state["head"], state["optimizer"]
+        if getattr(self.head, "weight_rows", None) is not None:  # this rank's rows only
+            index = self._optimizer_index(self.head.weight)
+            moment = optimizer["state"][index]
+            head = {**head, "weight": take_rows(head["weight"], self.world.ranks)}
+            optimizer = {**optimizer, "state": {**optimizer["state"], index: {
+                **moment, "momentum_buffer": take_rows(moment["momentum_buffer"],
+                                                       self.world.ranks)}}}
+        self.head.load_state_dict(head)
+        self.optimizer.load_state_dict(optimizer)
         self.step.scaler.load_state_dict(state["scaler"])
         self.step.nonfinite_total.fill_(self.pos.nonfinite_total)
-        if self.image_stats is not None and "image_stats" in state:
+        # The sums are the whole run's: one rank continues them, the others add to zero.
+        if self.image_stats is not None and "image_stats" in state and self.world.is_main:
             self.image_stats.load_state_dict(state["image_stats"])
         set_rng_state(state["rng"])
+
+    def _check_global_batch(self, state: dict[str, Any]) -> None:
+        """Any number of ranks may resume a run, as long as the global batch (hence the
+        sample order, the schedule and attfc's container) stays the same."""
+        saved, ranks = state.get("global_batch"), state.get("world_size", 1)
+        if saved is None or saved == self.global_batch:
+            return
+        world = self.world.world_size
+        hint = (f"pass --batch-size {saved // world} to keep it" if saved % world == 0
+                else f"{saved} does not split over {world} ranks; use a number of ranks "
+                "that divides it")
+        raise UserError(f"--resume: {self.ckpt_dir} was trained with a global batch of {saved} "
+                        f"({saved // ranks} per rank x {ranks}); this run's is "
+                        f"{self.global_batch} (--batch-size {self.config['batch_size']} x "
+                        f"{world}): {hint}, or train into a new --output")
 
     def _check_same_dataset(self, state: dict[str, Any]) -> None:
         """A run resumes on the data it started on (a copy elsewhere is fine, as the manifest
@@ -343,6 +531,8 @@ class Trainer:
 
     def _export_model(self) -> None:
         """RUN/model.pt (feature encoder, insightface key names) and RUN/model.json."""
+        if not self.world.is_main:
+            return
         atomic_save(self._backbone_weights(), self.run_dir / "model.pt")
         info = {"network": self.config["network"],
                 "embedding_size": self.config["embedding_size"],
