@@ -189,8 +189,8 @@ def test_arcface_torch_state_dict_loads_with_network(tmp_path):
         expected = backbone.module.eval()
     finally:
         dist.destroy_process_group()
-    made = _ok(run_module("evaluate", "synth-bin", "--out", tmp_path / "s.bin", "--identities",
-                          "4", "--pairs", "10", "--first-identity", "700"))
+    _ok(run_module("evaluate", "synth-bin", "--out", tmp_path / "s.bin", "--identities",
+                   "4", "--pairs", "10", "--first-identity", "700"))
     out = tmp_path / "lfw.json"
     _ok(run_module("evaluate", "lfw", "--bin", tmp_path / "s.bin", "--model",
                    tmp_path / "backbone.pth", "--network", "mbf", "--device", "cpu",
