@@ -45,19 +45,23 @@ class _Feeder:
 
 
 class DaliBatches:
-    """Builds the pipeline per pass and turns each output into a :class:`Batch`."""
+    """Builds the pipeline per pass (an epoch) and turns each output into a :class:`Batch`."""
 
-    def __init__(self, plan: EpochPlan, source: ImageSource, *, device: str,
-                 workers: int) -> None:
-        self.plan = plan
+    def __init__(self, source: ImageSource, *, device: str, workers: int) -> None:
         self.source = source
         self.device = torch.device(device)
         self.workers = workers
 
-    def run(self, start_step: int) -> Iterator[tuple[Batch, int]]:
-        """(batch, images replaced in it) for each step from ``start_step``."""
-        feeder = _Feeder(self.plan, self.source, start_step)
-        pipe = self._pipeline(feeder)
+    def start(self, plan: EpochPlan) -> None:
+        """Nothing to start ahead: a pipeline is built per pass."""
+
+    def close(self) -> None:
+        """Nothing outlives a pass: each pipeline is released with its pass."""
+
+    def run(self, plan: EpochPlan, start_step: int) -> Iterator[tuple[Batch, int]]:
+        """(batch, images replaced in it) for each step of ``plan`` from ``start_step``."""
+        feeder = _Feeder(plan, self.source, start_step)
+        pipe = self._pipeline(plan, feeder)
         while True:
             try:
                 (images,) = pipe.run()
@@ -71,13 +75,13 @@ class DaliBatches:
             step, _, replaced = feeder.pending.popleft()
             yield batch_from_pixels(step, self._to_torch(images), self.device), replaced
 
-    def _pipeline(self, feeder: _Feeder):
+    def _pipeline(self, plan: EpochPlan, feeder: _Feeder):
         size = self.source.image_size
         gpu = self.device.type == "cuda"
         device_id = (self.device.index if self.device.index is not None
                      else torch.cuda.current_device()) if gpu else None
 
-        @pipeline_def(batch_size=(self.plan.k + 1) * self.plan.batch_size,
+        @pipeline_def(batch_size=(plan.k + 1) * plan.batch_size,
                       num_threads=max(1, self.workers), device_id=device_id,
                       prefetch_queue_depth=2,
                       exec_dynamic=True)

@@ -25,10 +25,16 @@ BACKENDS = ("auto", "dali", "torch")
 
 
 class Loader:
-    """Batches of one epoch from ``start_step``; iterate it again to replay the same steps."""
+    """Batches of one epoch from ``start_step``; iterate it again to replay the same steps.
+
+    The decode backend (the torch backend's worker processes and pinned buffers) outlives
+    the epoch: ``build_loader(..., reuse=previous)`` hands it to the next epoch's loader, and
+    :meth:`close` (or leaving a ``with`` block) stops it.
+    """
 
     def __init__(self, plan: EpochPlan, source: ImageSource, *, start_step: int, backend: str,
-                 device: str, workers: int, num_classes: int) -> None:
+                 device: str, workers: int, num_classes: int,
+                 reuse: Loader | None = None) -> None:
         self.plan = plan
         self.source = source
         self.start_step = start_step
@@ -38,27 +44,53 @@ class Loader:
         self.num_classes = num_classes
         self.num_images = plan.num_images
         self.skipped = 0  # bad images replaced so far (skip_bad=True)
-        self._impl = None
+        if reuse is not None and reuse._shares_with(self):
+            self._impl = reuse._impl
+        else:
+            if reuse is not None:
+                reuse.close()
+            self._impl = self._make_backend()
+
+    def _make_backend(self):
+        if self.backend == "dali":
+            from data_engine.loading.dali_backend import DaliBatches
+
+            return DaliBatches(self.source, device=self.device, workers=self.workers)
+        from data_engine.loading.torch_backend import TorchBatches
+
+        return TorchBatches(self.source, device=self.device, workers=self.workers)
+
+    def _shares_with(self, other: Loader) -> bool:
+        """Whether ``other`` (a later epoch) can use this loader's backend as it is."""
+        return (self.backend, self.device, self.workers, self.source.shards_dir,
+                self.source.image_size, self.source.skip_bad) == (
+                other.backend, other.device, other.workers, other.source.shards_dir,
+                other.source.image_size, other.source.skip_bad)
 
     def __len__(self) -> int:
         """Steps per epoch (also when starting mid-epoch: steps run = len - start_step)."""
         return len(self.plan)
 
     def __iter__(self) -> Iterator[Batch]:
-        if self._impl is None:
-            if self.backend == "dali":
-                from data_engine.loading.dali_backend import DaliBatches
-
-                self._impl = DaliBatches(self.plan, self.source, device=self.device,
-                                         workers=self.workers)
-            else:
-                from data_engine.loading.torch_backend import TorchBatches
-
-                self._impl = TorchBatches(self.plan, self.source, device=self.device,
-                                          workers=self.workers)
-        for batch, skipped in self._impl.run(self.start_step):
+        for batch, skipped in self._impl.run(self.plan, self.start_step):
             self.skipped += skipped
             yield batch
+
+    def start(self) -> None:
+        """Start the decode workers now instead of at the first batch: a training run calls
+        this before it touches CUDA, so the workers are forked from a process without a
+        CUDA context (they never use CUDA either way)."""
+        self._impl.start(self.plan)
+
+    def close(self) -> None:
+        """Stop the backend's workers and release its buffers (also those shared by reuse)."""
+        self._impl.close()
+
+    def __enter__(self) -> Loader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def resolve_backend(name: str, device: str) -> str:
@@ -86,7 +118,7 @@ def resolve_backend(name: str, device: str) -> str:
 def build_loader(shards_dir: str | Path, batch_size: int, k: int, *, seed: int, epoch: int = 0,
                  start_step: int = 0, backend: str = "auto", device: str = "auto",
                  workers: int | None = None, drop_last: bool = True,
-                 skip_bad: bool = False) -> Loader:
+                 skip_bad: bool = False, reuse: Loader | None = None) -> Loader:
     """Loader for one epoch of (identity image, k class images, label) batches.
 
     The batches are a function of (seed, epoch) only; ``start_step`` resumes mid-epoch with
@@ -94,7 +126,9 @@ def build_loader(shards_dir: str | Path, batch_size: int, k: int, *, seed: int, 
     (dali on CUDA when installed, else torch). ``workers``: decode processes (torch; 0 =
     decode in this process) or DALI threads; default the CPU count. ``skip_bad``: replace
     unreadable images by another image of the same identity and count them
-    (``Loader.skipped``) instead of raising :class:`DataError`.
+    (``Loader.skipped``) instead of raising :class:`DataError`. ``reuse``: the loader of an
+    earlier epoch of the same run, whose decode workers this one takes over (forked and
+    pinned once per run, not per epoch); one with other settings is closed instead.
     """
     reader = ShardReader(shards_dir)
     plan = EpochPlan(reader.identity_start, batch_size, k, seed=seed, epoch=epoch,
@@ -110,4 +144,4 @@ def build_loader(shards_dir: str | Path, batch_size: int, k: int, *, seed: int, 
     device = resolve_device(device)
     return Loader(plan, source, start_step=start_step, backend=resolve_backend(backend, device),
                   device=device, workers=(os.cpu_count() or 1) if workers is None else workers,
-                  num_classes=reader.num_identities)
+                  num_classes=reader.num_identities, reuse=reuse)

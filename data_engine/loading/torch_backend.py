@@ -10,7 +10,15 @@ Why this shape: on a CPU loader the per-image overhead decides the rate, so
   the batch is copied out instead, so holding batches never stalls or corrupts the epoch.
   On CUDA the slots are pinned and copied to the GPU asynchronously;
 - flips happen while decoding: a flipped image is decoded as BGR and each row's bytes are
-  reversed, which mirrors the pixels and turns BGR back into RGB in one pass.
+  reversed, which mirrors the pixels and turns BGR back into RGB in one pass;
+- the workers and the pinned slots are kept for the whole run: the pool starts on the first
+  pass and later epochs' passes reuse it (:meth:`TorchBatches.run` takes the epoch's plan).
+  Forking and page-locking once per run, not once per epoch, means no fork of a process
+  with live CUDA work and no register/unregister churn at each epoch boundary.
+
+Every raw CUDA runtime call (cudaHostRegister/Unregister) goes through
+:func:`checked_cuda_call`: an unchecked failure leaves CUDA's last-error flag set, and the
+next kernel launch anywhere reports it as a misleading error ("invalid argument").
 """
 
 from __future__ import annotations
@@ -20,7 +28,9 @@ import queue
 import signal
 import sys
 import traceback
+import weakref
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,13 +44,39 @@ from data_engine.loading.image_source import DataError, ImageSource
 _POLL_S = 1.0  # how often the parent checks that workers are alive while it waits
 
 
+class CudaCallError(RuntimeError):
+    """A CUDA runtime call returned an error code; the message names the call."""
+
+
+def checked_cuda_call(runtime: Any, name: str, *args: Any) -> None:
+    """Call ``runtime.<name>(*args)`` and raise :class:`CudaCallError` at once if it fails.
+
+    ``runtime`` is ``torch.cuda.cudart()`` or a ctypes handle on libcudart: both return a
+    ``cudaError_t`` (0 = success) instead of raising, so a failure would otherwise surface
+    later, at an unrelated kernel.
+    """
+    status = getattr(runtime, name)(*args)
+    code = int(status)
+    if code != 0:
+        shown = ", ".join(hex(a) if isinstance(a, int) and a > 4096 else repr(a) for a in args)
+        raise CudaCallError(f"{name}({shown}) failed: CUDA error {code} "
+                            f"({_error_text(runtime, status)})")
+
+
+def _error_text(runtime: Any, status: Any) -> str:
+    """CUDA's own description of an error code (cudaGetErrorString)."""
+    text = runtime.cudaGetErrorString(status)
+    return text.decode() if isinstance(text, bytes) else str(text)
+
+
 def _worker(source: ImageSource, slots: list[torch.Tensor], tasks: mp.Queue,
             results: mp.Queue) -> None:
     """Decode (step, slot) tasks until a None arrives; report crashes instead of dying mute.
 
     Ctrl-C and SIGTERM are the parent's to handle (it stops the workers), so a training
     run that checkpoints on a signal is not hit by dying workers; a worker whose parent
-    died (SIGKILL) notices and exits instead of waiting forever.
+    died (SIGKILL) notices and exits instead of waiting forever. A worker never touches
+    CUDA (a forked child cannot), only numpy views of the shared slots.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -77,15 +113,17 @@ class _Slot:
     def pin(self) -> None:
         """Page-lock for async host-to-GPU copies (after forking: CUDA marks pinned pages
         do-not-fork, and the workers must see them)."""
-        torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), self.tensor.numel(), 0)
+        checked_cuda_call(torch.cuda.cudart(), "cudaHostRegister", self.tensor.data_ptr(),
+                          self.tensor.numel(), 0)
         self.pinned = True
 
     def unpin(self) -> None:
         if self.pinned:
             if self.ready_event is not None:
                 self.ready_event.synchronize()
-            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
-            self.pinned = False
+                self.ready_event = None
+            self.pinned = False  # whatever the call says: never unregister twice
+            checked_cuda_call(torch.cuda.cudart(), "cudaHostUnregister", self.tensor.data_ptr())
 
     def free(self) -> bool:
         """True once no caller view and no pending GPU copy uses the buffer."""
@@ -104,44 +142,123 @@ def _shared_uint8(shape: tuple[int, ...]) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape).zero_()
 
 
-class TorchBatches:
-    """Runs the worker pool for one pass over the epoch and yields :class:`Batch` objects."""
+class _Pool:
+    """Worker processes, their task and result queues and the slot ring: one run's worth."""
 
-    def __init__(self, plan: EpochPlan, source: ImageSource, *, device: str,
-                 workers: int) -> None:
-        self.plan = plan
+    def __init__(self, source: ImageSource, shape: tuple[int, ...], workers: int,
+                 cuda: bool) -> None:
+        self.shape = shape
+        self.depth = workers + 2  # steps in flight: every worker busy, the next ones queued
+        self.slots = [_Slot(shape) for _ in range(self.depth + 2)]
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        self.tasks, self.results = ctx.Queue(), ctx.Queue()
+        self.procs = [ctx.Process(target=_worker, daemon=True,
+                                  args=(source, [s.tensor for s in self.slots], self.tasks,
+                                        self.results))
+                      for _ in range(workers)]
+        self.outstanding = 0  # tasks sent whose result has not been received
+        self._finalizer = weakref.finalize(self, _shutdown, self.procs, self.tasks, self.slots)
+        for proc in self.procs:
+            proc.start()
+        if cuda:
+            try:
+                for slot in self.slots:
+                    slot.pin()
+            except BaseException:
+                self.close()
+                raise
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def send(self, step: StepPlan, slot: int) -> None:
+        self.tasks.put((step, slot))
+        self.outstanding += 1
+
+    def receive(self) -> tuple[int, int, int, str | None, bool]:
+        """Next finished task; a dead worker is an error, not a hang."""
+        while True:
+            try:
+                got = self.results.get(timeout=_POLL_S)
+                self.outstanding -= 1
+                return got
+            except queue.Empty:
+                dead = [p.exitcode for p in self.procs if not p.is_alive()]
+                if dead:
+                    raise RuntimeError(f"a decode worker exited (code {dead[0]})") from None
+
+    def drain(self) -> None:
+        """Wait for the tasks still in flight, so the next pass starts with idle slots."""
+        while self.outstanding:
+            self.receive()
+
+
+def _shutdown(procs: list, tasks: mp.Queue, slots: list[_Slot]) -> None:
+    """Stop the workers, then unpin the slots (also when the pool is garbage-collected)."""
+    for proc in procs:
+        if proc.is_alive():
+            tasks.put(None)
+    for proc in procs:
+        if proc.pid is not None:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    for slot in slots:
+        slot.unpin()
+
+
+class TorchBatches:
+    """Yields :class:`Batch` objects for one epoch per :meth:`run`, from a pool kept across
+    runs (every epoch of a training run) until :meth:`close`."""
+
+    def __init__(self, source: ImageSource, *, device: str, workers: int) -> None:
         self.source = source
         self.device = torch.device(device)
         self.workers = workers
+        self._pool: _Pool | None = None
 
-    def run(self, start_step: int) -> Iterator[tuple[Batch, int]]:
-        """(batch, images replaced in it) for each step from ``start_step``."""
-        if self.workers == 0:
-            yield from self._run_inline(start_step)
-            return
+    def close(self) -> None:
+        """Stop the workers and unpin the slots; a later :meth:`run` starts a new pool."""
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.close()
+
+    def start(self, plan: EpochPlan) -> None:
+        """Fork the workers now (before the caller initialises CUDA, ideally) rather than on
+        the first pass."""
+        if self.workers:
+            self._pool_for(plan)
+
+    def worker_pids(self) -> list[int]:
+        """PIDs of the live pool's workers ([] before the first pass or after close)."""
+        return [p.pid for p in self._pool.procs] if self._pool is not None else []
+
+    def _pool_for(self, plan: EpochPlan) -> _Pool:
         size = self.source.image_size
-        shape = ((self.plan.k + 1) * self.plan.batch_size, size, size, 3)
-        depth = self.workers + 2  # steps in flight: every worker busy, the next ones queued
-        slots = [_Slot(shape) for _ in range(depth + 2)]
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        tasks, results = ctx.Queue(), ctx.Queue()
-        procs = [ctx.Process(target=_worker, daemon=True,
-                             args=(self.source, [s.tensor for s in slots], tasks, results))
-                 for _ in range(self.workers)]
-        for proc in procs:
-            proc.start()
-        if self.device.type == "cuda":
-            for slot in slots:
-                slot.pin()
-        steps = self.plan.steps(start_step)
+        shape = ((plan.k + 1) * plan.batch_size, size, size, 3)
+        if self._pool is not None and self._pool.shape != shape:
+            self.close()  # another batch shape: the slots do not fit
+        if self._pool is None:
+            self._pool = _Pool(self.source, shape, self.workers, self.device.type == "cuda")
+        return self._pool
+
+    def run(self, plan: EpochPlan, start_step: int) -> Iterator[tuple[Batch, int]]:
+        """(batch, images replaced in it) for each step of ``plan`` from ``start_step``."""
+        if self.workers == 0:
+            yield from self._run_inline(plan, start_step)
+            return
+        pool = self._pool_for(plan)
+        slots = pool.slots
+        steps = plan.steps(start_step)
         busy: set[int] = set()  # slots of steps dispatched and not yet handed out
         done: dict[int, tuple] = {}  # step -> (slot, replaced, error, crashed)
         try:
-            for step in self.plan.steps(start_step):
-                while len(busy) < depth and self._dispatch(steps, slots, busy, tasks):
+            for step in plan.steps(start_step):
+                while len(busy) < pool.depth and self._dispatch(pool, steps, busy):
                     pass
                 while step.step not in done:
-                    got = self._receive(results, procs)
+                    got = pool.receive()
                     done[got[0]] = got[1:]
                 slot_index, replaced, error, crashed = done.pop(step.step)
                 if crashed:
@@ -150,40 +267,31 @@ class TorchBatches:
                     raise DataError(error)
                 busy.discard(slot_index)
                 yield self._hand_out(step, slots, slot_index, busy), replaced
+        except RuntimeError:  # a worker died or crashed: do not trust the pool again
+            self.close()
+            raise
         finally:
-            for _ in procs:
-                tasks.put(None)
-            for proc in procs:
-                proc.join(timeout=5)
-                if proc.is_alive():
-                    proc.kill()
-            for slot in slots:
-                slot.unpin()
+            # Stopped early (a signal, --max-steps, bad data): finish the tasks in flight
+            # and keep the pool for the next pass.
+            if self._pool is pool:
+                try:
+                    pool.drain()
+                except RuntimeError:
+                    self.close()
+                    raise
 
     @staticmethod
-    def _dispatch(steps: Iterator[StepPlan], slots: list[_Slot], busy: set[int],
-                  tasks: mp.Queue) -> bool:
+    def _dispatch(pool: _Pool, steps: Iterator[StepPlan], busy: set[int]) -> bool:
         """Send the next step to the workers if a slot is free; False when none is."""
-        for index, slot in enumerate(slots):
+        for index, slot in enumerate(pool.slots):
             if index not in busy and slot.free():
                 step = next(steps, None)
                 if step is None:
                     return False
                 busy.add(index)
-                tasks.put((step, index))
+                pool.send(step, index)
                 return True
         return False
-
-    @staticmethod
-    def _receive(results: mp.Queue, procs: list) -> tuple[int, int, int, str | None, bool]:
-        """Next finished task; a dead worker is an error, not a hang."""
-        while True:
-            try:
-                return results.get(timeout=_POLL_S)
-            except queue.Empty:
-                dead = [p.exitcode for p in procs if not p.is_alive()]
-                if dead:
-                    raise RuntimeError(f"a decode worker exited (code {dead[0]})") from None
 
     def _hand_out(self, step: StepPlan, slots: list[_Slot], index: int,
                   busy: set[int]) -> Batch:
@@ -201,10 +309,10 @@ class TorchBatches:
             pixels = pixels.clone()
         return batch_from_pixels(step, pixels, self.device)
 
-    def _run_inline(self, start_step: int) -> Iterator[tuple[Batch, int]]:
+    def _run_inline(self, plan: EpochPlan, start_step: int) -> Iterator[tuple[Batch, int]]:
         """No worker processes (workers=0): decode in this process, for debugging."""
         size = self.source.image_size
-        for step in self.plan.steps(start_step):
+        for step in plan.steps(start_step):
             pixels = torch.empty((len(step.all_image_ids), size, size, 3), dtype=torch.uint8)
             replaced, error = decode_step(self.source, step, pixels.numpy())
             if error is not None:

@@ -1,0 +1,105 @@
+"""The torch backend's worker pool lives for a whole run, and its CUDA calls are checked."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from data_engine.loading.loader import build_loader
+from data_engine.loading.torch_backend import CudaCallError, checked_cuda_call
+from tests.test_loader import K, _collect, shards  # noqa: F401 (module fixture)
+
+
+def _gone(pids: list[int], timeout: float = 10.0) -> bool:
+    """True once none of ``pids`` is a live process (zombies count as gone)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if psutil.pid_exists(p)
+                 and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_workers_are_forked_once_per_run(shards: Path) -> None:  # noqa: F811
+    """Epoch 2 reuses epoch 1's worker processes, after epoch 1 was cut short mid-way, and
+    still yields exactly the batches of a fresh loader; close() leaves no process behind."""
+    kwargs = dict(seed=5, backend="torch", device="cpu", workers=2)
+    before = {child.pid for child in psutil.Process().children()}
+    first = build_loader(shards, 4, K, epoch=0, **kwargs)
+    first.start()
+    pids = first._impl.worker_pids()
+    assert len(pids) == 2 and set(pids) == {c.pid for c in psutil.Process().children()} - before
+    for step, _ in enumerate(first):  # stop early: tasks still in flight must be drained
+        if step == 3:
+            break
+    second = build_loader(shards, 4, K, epoch=1, reuse=first, **kwargs)
+    got = _collect(second)
+    assert second._impl.worker_pids() == pids
+    assert {c.pid for c in psutil.Process().children()} - before == set(pids)
+    expected = _collect(build_loader(shards, 4, K, epoch=1, **{**kwargs, "workers": 0}))
+    for name, values in expected.items():
+        assert torch.equal(got[name], values), name
+    third = build_loader(shards, 4, K, epoch=2, reuse=second, **kwargs)
+    next(iter(third))
+    assert third._impl.worker_pids() == pids
+    third.close()
+    assert _gone(pids)
+    assert third._impl.worker_pids() == []
+
+
+def test_other_settings_close_the_old_pool(shards: Path) -> None:  # noqa: F811
+    old = build_loader(shards, 4, K, seed=0, backend="torch", device="cpu", workers=1)
+    old.start()
+    pids = old._impl.worker_pids()
+    new = build_loader(shards, 4, K, seed=0, backend="torch", device="cpu", workers=2,
+                       reuse=old)
+    assert _gone(pids) and new._impl is not old._impl
+
+
+def test_dropped_loader_stops_its_workers(shards: Path) -> None:  # noqa: F811
+    loader = build_loader(shards, 4, K, seed=0, backend="torch", device="cpu", workers=2)
+    next(iter(loader))
+    pids = loader._impl.worker_pids()
+    assert len(pids) == 2
+    del loader
+    gc.collect()
+    assert _gone(pids)
+
+
+def _libcudart() -> ctypes.CDLL:
+    """The CUDA runtime shipped by the nvidia-cuda-runtime wheel (a DALI dependency)."""
+    runtime = pytest.importorskip("nvidia.cuda_runtime")
+    found = sorted(p for folder in runtime.__path__
+                   for p in (Path(folder) / "lib").glob("libcudart.so.*"))
+    if not found:
+        pytest.skip("no libcudart.so in the nvidia-cuda-runtime package")
+    lib = ctypes.CDLL(str(found[-1]))
+    lib.cudaGetErrorString.restype = ctypes.c_char_p
+    return lib
+
+
+def test_checked_cuda_call_raises_at_the_failing_call() -> None:
+    """A real CUDA runtime call that fails (here: no driver, or, on a GPU machine, memory
+    that was never registered) raises at once, naming the call and CUDA's reason."""
+    lib = _libcudart()
+    version = ctypes.c_int(0)
+    checked_cuda_call(lib, "cudaRuntimeGetVersion", ctypes.byref(version))  # works driverless
+    assert version.value >= 11000
+    buffer = np.zeros(4096 * 4, np.uint8)
+    code = lib.cudaHostUnregister(ctypes.c_void_p(buffer.ctypes.data))
+    assert code != 0
+    reason = lib.cudaGetErrorString(code).decode()
+    with pytest.raises(CudaCallError) as raised:
+        checked_cuda_call(lib, "cudaHostUnregister", ctypes.c_void_p(buffer.ctypes.data))
+    message = str(raised.value)
+    assert message.startswith("cudaHostUnregister(") and f"CUDA error {code} ({reason})" \
+        in message, message
