@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import subprocess
+import sys
 from collections import OrderedDict
 
 import numpy as np
 import pytest
 import torch
+
+from tests.conftest import REPO
 
 CONTRACT_KEYS = {"tar_at_far", "top1", "top5", "top10", "tpir_at_fpir"}
 FAR_KEYS = ["1e-06", "1e-05", "0.0001", "0.001", "0.01", "0.1"]
@@ -139,3 +143,15 @@ def test_landmarks_outside_the_image(run_cli, ijb_copy, random_model):
     result = run_cli("evaluate", "ijbc", "--root", ijb_copy, "--model", random_model,
                      "--device", "cpu", "--no-cache")
     _one_line_error(result, "2.jpg", "ijbc_name_5pts_score.txt:2", "outside")
+
+
+def test_features_path_starts_without_torch(ijb_copy):
+    """Scoring given features needs no network: importing torch would cost seconds."""
+    features = _features(ijb_copy)
+    code = ("import sys\nfrom evaluate.__main__ import main\n"
+            f"assert main(['ijbc', '--root', {str(ijb_copy)!r}, '--features', "
+            f"{str(features)!r}]) == 0\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr

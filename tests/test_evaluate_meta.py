@@ -86,3 +86,32 @@ def test_pairs_with_blank_lines_parse(tmp_path):
     (tmp_path / "meta" / "ijbc_template_pair_label.txt").write_text("1 2 0\n\n2 1 1")
     pairs, labels = ijb_meta.read_pairs(tmp_path, "ijbc")
     assert pairs.tolist() == [[1, 2], [2, 1]] and labels.dtype == np.int8
+
+
+def test_fast_and_line_by_line_parsers_agree(tmp_path):
+    """Files the vectorised path declines (CRLF, spaces, tabs, extra CSV columns, blank
+    lines) still parse, to what the plain files give."""
+    _write_layout(tmp_path)
+    plain = (ijb_meta.read_image_meta(tmp_path, "ijbc"), ijb_meta.read_one_to_n(tmp_path, "ijbc"))
+    meta = tmp_path / "meta"
+    (meta / "ijbc_face_tid_mid.txt").write_bytes(b"1.jpg\t1 10\r\n\n 2.jpg  1 11\r\n3.jpg 2 12")
+    (meta / "ijbc_1N_probe_mixed.csv").write_bytes(
+        b"TEMPLATE_ID,SUBJECT_ID,FILENAME\r\n2, 5,c.jpg,x,y\r\n\r\n 2,5\r\n")
+    images = ijb_meta.read_image_meta(tmp_path, "ijbc")
+    assert images.names == plain[0].names
+    assert images.templates.tolist() == plain[0].templates.tolist()
+    assert images.medias.tolist() == plain[0].medias.tolist()
+    probe = ijb_meta.read_one_to_n(tmp_path, "ijbc")[2]
+    assert probe.templates.tolist() == plain[1][2].templates.tolist() == [2, 2]
+    assert probe.subjects.tolist() == plain[1][2].subjects.tolist() == [5, 5]
+
+
+def test_token_count_is_exact_beyond_the_fast_counters_range(tmp_path):
+    """259 tokens on a line would read as 3 modulo 256: the long line is still caught."""
+    _write_layout(tmp_path)
+    long_line = " ".join(["1"] * 259)
+    (tmp_path / "meta" / "ijbc_template_pair_label.txt").write_text(f"1 2 0\n{long_line}\n")
+    with pytest.raises(UserError, match=r"ijbc_template_pair_label\.txt:2: expected"):
+        ijb_meta.read_pairs(tmp_path, "ijbc")
+    assert ijb_meta._first_bad_line(b"1 2 3\n" * 3 + long_line.encode(), 3) == 4
+    assert ijb_meta._first_bad_line(b"1 2 3\n\n 4 5\t6\r\n", 3) is None
