@@ -7,6 +7,10 @@ only: attfc has none) and ``after_optimizer_step``. For attfc the class encoder 
 ``nn.Flatten`` fed class *features* [B, k, D, 1, 1], so the backbone cost is excluded but the
 attention loader (Eq. 8-9), DCC push, masked chunked loss (Eq. 10-11) are all in.
 
+"official" is the official AttFC code's formulation of the same head (bench/official_attfc.py:
+materialised B×(1+S) logits, mask by arithmetic, standard cross-entropy, attention weights on
+the host), so ``attfc_vs_official`` is ours against the paper's own implementation.
+
 Each (head, N) runs in its own subprocess so peak memory is not polluted by the others:
 - CUDA: ``torch.cuda.max_memory_allocated()`` minus what was allocated before the head was
   built (features, labels), i.e. head parameters + optimizer state + activations + grads.
@@ -15,7 +19,8 @@ Each (head, N) runs in its own subprocess so peak memory is not polluted by the 
   tracks live tensor memory.
 
 Usage: .venv/bin/python bench/heads.py [--n 93431 1000000 2000000] [--batch-size 384]
-The last line printed is one JSON object {"results": [{head, n, step_s, peak_mem_bytes}, ...]}.
+The last line printed is one JSON object {"results": [{head, n, step_s, peak_mem_bytes}, ...],
+"ratios": [...vs fc], "attfc_vs_official": [...]}.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from collections.abc import Sequence
 
 from common.cli import ArgumentParser, positive_int, run_cli
 
-HEADS = ("fc", "partialfc", "attfc")
+HEADS = ("fc", "partialfc", "attfc", "official")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -39,19 +44,31 @@ def _rss_bytes() -> int:
         return int(statm.read().split()[1]) * resource.getpagesize()
 
 
-def _touch_kernels(args, device) -> None:
-    """Run every head once at toy size so lazily loaded kernels and thread pools are resident
-    before the memory baseline is taken (otherwise they count as "head memory")."""
-    import torch
+def _make_head(name: str, num_classes: int, args, **attfc_options):
+    """One of HEADS with the class encoder replaced by ``nn.Flatten`` (fed class features)."""
     from torch import nn
 
     from model.heads import build_head
     from model.margins import build_margin
 
+    margin = build_margin("arcface")
+    if name == "official":
+        from official_attfc import OfficialAttFCHead
+
+        return OfficialAttFCHead(nn.Flatten(), num_classes, args.dim, args.batch_size, margin,
+                                 sample_rate=args.sample_rate, k=args.k)
+    return build_head(name, num_classes=num_classes, embedding_size=args.dim,
+                      batch_size=args.batch_size, margin=margin, feature_encoder=nn.Flatten(),
+                      sample_rate=args.sample_rate, k=args.k, **attfc_options)
+
+
+def _touch_kernels(args, device) -> None:
+    """Run every head once at toy size so lazily loaded kernels and thread pools are resident
+    before the memory baseline is taken (otherwise they count as "head memory")."""
+    import torch
+
     for name in HEADS:
-        head = build_head(name, num_classes=4 * args.batch_size, embedding_size=args.dim,
-                          batch_size=args.batch_size, margin=build_margin("arcface"),
-                          feature_encoder=nn.Flatten(), k=args.k).to(device)
+        head = _make_head(name, 4 * args.batch_size, args).to(device)
         features = torch.randn(args.batch_size, args.dim, device=device, requires_grad=True)
         labels = torch.randint(0, 4 * args.batch_size, (args.batch_size,), device=device)
         class_features = torch.randn(args.batch_size, args.k, args.dim, 1, 1, device=device)
@@ -65,9 +82,6 @@ def _worker(args) -> dict:
     """Build one head at one N, time ``--steps`` steps after ``--warmup``, measure peak memory."""
     import torch
     from torch import nn
-
-    from model.heads import build_head
-    from model.margins import build_margin
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -85,11 +99,9 @@ def _worker(args) -> dict:
         base = torch.cuda.memory_allocated()
     else:
         base = _rss_bytes()
-    head = build_head(args.head, num_classes=n, embedding_size=dim, batch_size=batch,
-                      margin=build_margin("arcface"), feature_encoder=nn.Flatten(),
-                      sample_rate=args.sample_rate, k=args.k,
-                      dcc_dtype=getattr(torch, args.dcc_dtype),
-                      chunk_size=args.chunk_size).to(device)
+    options = ({"dcc_dtype": getattr(torch, args.dcc_dtype), "chunk_size": args.chunk_size}
+               if args.head == "attfc" else {})
+    head = _make_head(args.head, n, args, **options).to(device)
     params = [p for p in head.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4) if params else None
     inputs = class_features if head.needs_class_images else None
@@ -193,7 +205,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             ratios.append(ratio)
             print(f"{r['head']:>9} n={r['n']:>8}: {ratio['time_vs_fc']:.3f}x fc time, "
                   f"{ratio['mem_vs_fc']:.3f}x fc memory")
-    print(json.dumps({"results": results, "ratios": ratios, "machine": _machine(args.device),
+    versus_official = []
+    for n in args.n:
+        ours, official = by_key.get(("attfc", n)), by_key.get(("official", n))
+        if ours and official and ours["step_s"] and official["step_s"]:
+            ratio = {"n": n, "time": ours["step_s"] / official["step_s"],
+                     "mem": ours["peak_mem_bytes"] / official["peak_mem_bytes"]}
+            versus_official.append(ratio)
+            print(f"    attfc n={n:>8}: {ratio['time']:.3f}x official attfc time, "
+                  f"{ratio['mem']:.3f}x its memory")
+    print(json.dumps({"results": results, "ratios": ratios,
+                      "attfc_vs_official": versus_official, "machine": _machine(args.device),
                       "device": args.device, "batch_size": args.batch_size, "dim": args.dim,
                       "sample_rate": args.sample_rate, "dcc_dtype": args.dcc_dtype,
                       "steps": args.steps}))

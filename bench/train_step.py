@@ -11,8 +11,11 @@ GPU (the project target, >= 4000 samples/s for attfc at N = 1M on an H100):
 CPU smoke version:
     python bench/train_step.py --network mbf --batch-size 32 --steps 5 --device cpu
 
+"official" is the official AttFC code's formulation of the head (bench/official_attfc.py), so
+``attfc_vs_official`` compares ours with the paper's own implementation in the same run.
+
 The last line printed is JSON: {"results": [{head, n, network, batch_size, samples_per_s,
-peak_mem_bytes, device, ...}], ...}.
+peak_mem_bytes, device, ...}], "attfc_vs_fc": ..., "attfc_vs_official": ...}.
 """
 
 from __future__ import annotations
@@ -53,17 +56,29 @@ def measure(args: SimpleNamespace, head_name: str, num_classes: int) -> dict:
     if cuda:
         torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats(device)
-    backbone = get_model(args.network, embedding_size=args.embedding_size).to(device)
+    backbone = get_model(args.network, embedding_size=args.embedding_size,
+                         **json.loads(args.network_args or "{}")).to(device)
     if cuda:
         backbone = backbone.to(memory_format=torch.channels_last)
-    head = build_head(head_name, num_classes=num_classes, embedding_size=args.embedding_size,
-                      batch_size=args.batch_size, margin=build_margin("arcface"),
-                      feature_encoder=backbone if head_name == "attfc" else None,
-                      k=args.k).to(device)
+    if head_name == "official":
+        from official_attfc import OfficialAttFCHead
+
+        head = OfficialAttFCHead(backbone, num_classes, args.embedding_size, args.batch_size,
+                                 build_margin("arcface"), k=args.k).to(device)
+    else:
+        head = build_head(head_name, num_classes=num_classes,
+                          embedding_size=args.embedding_size, batch_size=args.batch_size,
+                          margin=build_margin("arcface"),
+                          feature_encoder=backbone if head_name == "attfc" else None,
+                          k=args.k).to(device)
     params = [p for m in (backbone, head) for p in m.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, lr=0.1, momentum=0.9, weight_decay=5e-4)
     step = TrainStep(backbone, head, optimizer, device=device, precision=precision,
                      channels_last=cuda, compile_backbone=args.compile)
+    if args.compile_class_encoder != "none" and hasattr(head, "class_encoder"):
+        # In place (nn.Module.compile): the state dict keys stay; forward-only with static
+        # shapes, so "reduce-overhead" can replay it as a CUDA graph.
+        head.class_encoder.compile(mode=args.compile_class_encoder)
 
     B, k = args.batch_size, args.k
     batches = [SimpleNamespace(
@@ -79,12 +94,31 @@ def measure(args: SimpleNamespace, head_name: str, num_classes: int) -> dict:
     loss = step.read_loss()  # also syncs, so the timing covers the queued work
     _sync(device)
     elapsed = time.perf_counter() - start
+    syncs = _host_syncs_per_step(step, batches, device) if cuda else None
     return {"head": head_name, "n": num_classes, "network": args.network, "batch_size": B,
             "k": k, "precision": precision, "compile": args.compile,
+            "compile_class_encoder": args.compile_class_encoder,
+            "host_syncs_per_step": syncs,
             "samples_per_s": B * args.steps / elapsed, "step_s": elapsed / args.steps,
             "peak_mem_bytes": peak_memory_bytes(device), "loss": loss,
             "device": torch.cuda.get_device_name(device) if cuda else platform.processor()
             or platform.machine()}
+
+
+def _host_syncs_per_step(step, batches: list, device: str, steps: int = 2) -> float:
+    """Operations that make the host wait for the GPU, per step (CUDA's sync debug mode)."""
+    import warnings
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for i in range(steps):
+                step(batches[i % 2], lr=0.1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    _sync(device)
+    return sum("synchroniz" in str(w.message) for w in caught) / steps
 
 
 def _child(args: SimpleNamespace, head: str, n: int, queue: multiprocessing.Queue) -> None:
@@ -97,11 +131,15 @@ def _child(args: SimpleNamespace, head: str, n: int, queue: multiprocessing.Queu
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="bench/train_step.py", description=__doc__)
     parser.add_argument("--network", default="r50", help="feature encoder")
+    parser.add_argument("--network-args", default="",
+                        help="extra get_model keyword arguments as JSON (as python -m train)")
     parser.add_argument("--batch-size", type=positive_int, default=384)
     parser.add_argument("--k", type=positive_int, default=2, help="attfc class images")
     parser.add_argument("--embedding-size", type=positive_int, default=512)
-    parser.add_argument("--heads", nargs="+", default=["fc", "attfc"],
-                        choices=["fc", "partialfc", "attfc"])
+    parser.add_argument("--heads", nargs="+", default=["fc", "attfc", "official"],
+                        choices=["fc", "partialfc", "attfc", "official"],
+                        help="official: the official AttFC code's formulation of the head "
+                             "(bench/official_attfc.py)")
     parser.add_argument("--num-classes", type=positive_int, nargs="+", default=[93_000, 1_000_000],
                         help="identity counts N")
     parser.add_argument("--steps", type=positive_int, default=30, help="timed steps")
@@ -110,6 +148,10 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                         help="auto: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder")
+    parser.add_argument("--compile-class-encoder", default="none",
+                        choices=["none", "default", "reduce-overhead", "max-autotune"],
+                        help="attfc/official: torch.compile the class encoder in this mode "
+                             "(reduce-overhead: CUDA graphs)")
     return parser
 
 
@@ -133,10 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict = {"results": results, "threads": torch.get_num_threads(),
                      "command": " ".join(["bench/train_step.py", *(argv or sys.argv[1:])])}
     by_key = {(r["head"], r["n"]): r for r in results if "error" not in r}
-    summary["attfc_vs_fc"] = {
-        str(n): {key: by_key[("attfc", n)][key] / by_key[("fc", n)][key]
-                 for key in ("samples_per_s", "peak_mem_bytes")}
-        for n in args.num_classes if ("attfc", n) in by_key and ("fc", n) in by_key}
+    for baseline in ("fc", "official"):
+        summary[f"attfc_vs_{baseline}"] = {
+            str(n): {key: by_key[("attfc", n)][key] / by_key[(baseline, n)][key]
+                     for key in ("samples_per_s", "peak_mem_bytes")}
+            for n in args.num_classes if ("attfc", n) in by_key and (baseline, n) in by_key}
     print(json.dumps(summary))
     return 1 if any("error" in r for r in results) else 0
 

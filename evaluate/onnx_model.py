@@ -55,8 +55,12 @@ class OnnxEmbedder:
     def __init__(self, path: Path | str, *, device: str = "auto", input_range: str = "auto"
                  ) -> None:
         import onnx
-        import onnxruntime
 
+        try:
+            import onnxruntime
+        except ImportError:
+            raise UserError(f"{path}: ONNX models run on onnxruntime, which is not installed: "
+                            "pip install onnxruntime (onnxruntime-gpu for CUDA)") from None
         self.path = Path(path)
         if input_range not in INPUT_RANGES:
             raise UserError(f"--onnx-input {input_range}: expected one of "
@@ -68,6 +72,8 @@ class OnnxEmbedder:
         detected = detect_input_range(graph)
         self.input_range = detected if input_range == "auto" else input_range
         providers = choose_providers(device, onnxruntime.get_available_providers())
+        if providers[0] != "CPUExecutionProvider" and hasattr(onnxruntime, "preload_dlls"):
+            onnxruntime.preload_dlls()  # finds the CUDA/cuDNN libraries pip installed for torch
         try:
             self.session = onnxruntime.InferenceSession(str(self.path), providers=providers)
         except Exception as error:  # onnxruntime's own exception types

@@ -17,7 +17,8 @@ def test_bench_heads_smoke() -> None:
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [(r["head"], r["n"]) for r in report["results"]] == [
-        ("fc", 3000), ("partialfc", 3000), ("attfc", 3000)]
+        ("fc", 3000), ("partialfc", 3000), ("attfc", 3000), ("official", 3000)]
     for result in report["results"]:
         assert result["step_s"] > 0 and result["peak_mem_bytes"] is not None
-    assert {r["head"] for r in report["ratios"]} == {"partialfc", "attfc"}
+    assert {r["head"] for r in report["ratios"]} == {"partialfc", "attfc", "official"}
+    assert [r["n"] for r in report["attfc_vs_official"]] == [3000]

@@ -220,6 +220,8 @@ def test_wrong_or_mismatched_files_are_one_line_errors(run, ijb, tmp_path):
     _one_line_error(run_module("evaluate", "ijbc", "--root", ijb, "--model", small,
                                "--no-cache"), "small.onnx: input", "[1, 3, 96, 96]",
                     "expected [N, 3, 112, 112]")
+    _one_line_error(run_module("evaluate", "ijbc", "--root", ijb, "--model", small,
+                               "--network", "r50"), "--network r50: an ONNX model carries")
     text = tmp_path / "model.pt"
     text.write_text("not weights")
     _one_line_error(run_module("evaluate", "ijbc", "--root", ijb, "--model", text),
@@ -290,3 +292,17 @@ def test_init_starts_from_a_runs_model_and_resume_keeps_the_checkpoint(run, shar
                                tmp_path / "bad.pth", timeout=300),
                     "bad.pth: weights do not fit network mbf", "missing key",
                     "unexpected key 'conv1.weight'")
+
+
+def test_onnx_provider_choice():
+    from common.errors import UserError
+    from evaluate.onnx_model import choose_providers
+
+    gpu = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert choose_providers("cpu", gpu) == ["CPUExecutionProvider"]
+    assert choose_providers("auto", gpu) == [("CUDAExecutionProvider", {"device_id": 0}),
+                                             "CPUExecutionProvider"]
+    assert choose_providers("cuda:1", gpu)[0] == ("CUDAExecutionProvider", {"device_id": 1})
+    assert choose_providers("auto", ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    with pytest.raises(UserError, match="--device cuda: onnxruntime has no CUDA"):
+        choose_providers("cuda", ["CPUExecutionProvider"])
