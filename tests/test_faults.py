@@ -1,0 +1,500 @@
+"""The fault matrix: what a days-long run meets, one test per row, real files and processes.
+
+Every row asserts what README.md's "What happens when..." table promises: what was written
+before stays valid, the message is one line naming the file, and the exit code.
+
+| fault                                       | test                                              |
+|---------------------------------------------|---------------------------------------------------|
+| kill -9 while a shard is written            | test_kill9_while_writing_a_shard                  |
+| disk full while sharding                    | test_disk_full_while_sharding                     |
+| read-only output directory                  | test_read_only_output_directory[shard, train]     |
+| shard truncated after sharding              | test_truncated_shard_stops_train_before_step_one  |
+| shard with a flipped bit                    | test_bit_flipped_shard_found_by_verify_shards     |
+| index.npz truncated / bit-flipped           | test_damaged_index                                |
+| manifest.json truncated / bit-flipped       | test_damaged_manifest                             |
+| kill -9 while a checkpoint is written       | test_kill9_while_writing_a_checkpoint             |
+| disk full while a checkpoint is written     | test_disk_full_while_writing_a_checkpoint         |
+| checkpoint truncated / bit-flipped          | test_damaged_checkpoints                          |
+| SIGTERM during validation                   | test_sigterm_during_validation                    |
+| --resume with another dataset / settings    | test_resume_refuses_another_run                   |
+| disk full in metrics.jsonl                  | test_disk_full_in_metrics_jsonl                   |
+| disk full in TensorBoard                    | test_disk_full_in_tensorboard                     |
+| disk full in evaluate's cache / JSON/report | test_disk_full_in_evaluate_writers                |
+| kill -9 while evaluate commits its cache    | test_kill9_while_evaluate_commits_its_cache       |
+| non-finite loss past --max-nonfinite        | test_train_cli.py: test_nonfinite_losses_stop_... |
+| damaged image met in training               | test_train_cli.py: test_corrupt_image_stops_...   |
+| Ctrl-C while sharding, damaged shard rerun  | test_shard_resume.py (both tests)                 |
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import REPO, run_module
+from tests.fault_helpers import (
+    fill_disk,
+    last_error_line,
+    resize_disk,
+    run_until_killed,
+    small_disk,
+    strace_kill_prefix,
+    tree_bytes,
+)
+from tests.shard_helpers import output_bytes
+
+TINY_NET = '{"blocks": [1, 1, 1, 1], "scale": 1}'
+TINY = ["--network", "mbf", "--network-args", TINY_NET, "--embedding-size", "64",
+        "--batch-size", "8", "--gamma", "0.9", "--device", "cpu", "--backend", "torch",
+        "--workers", "1", "--no-tensorboard", "--val", "none", "--log-every", "1"]
+# 24 small synthetic people in ~8 shards: enough shards to kill or fill mid-way.
+SHARD = ["--src", "synthetic", "--identities", "24", "--images-per-identity", "4", "--seed",
+         "2", "--shard-size", "24k", "--workers", "1"]
+
+
+def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """Training shards (10 ids x 8 images), another dataset (12 ids), a tiny .bin."""
+    root = tmp_path_factory.mktemp("faults")
+    for name, ids, seed in (("shards", "10", "0"), ("other", "12", "1")):
+        _ok(run_module("data_engine.shard", "--src", "synthetic", "--identities", ids,
+                       "--images-per-identity", "8", "--seed", seed, "--workers", "1",
+                       "--out", root / name))
+    _ok(run_module("evaluate", "synth-bin", "--out", root / "val" / "synth.bin",
+                   "--identities", "10", "--first-identity", "1000", "--pairs", "20"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory) -> Path:
+    """A run with checkpoints at steps 1, 2 and 3 (copy it before changing it)."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    _ok(run_module("train", "--shards", data / "shards", "--output", run, *TINY,
+                   "--max-steps", "3", "--ckpt-every", "1", timeout=300))
+    return run
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory) -> Path:
+    """The reference output of SHARD, written without faults."""
+    out = tmp_path_factory.mktemp("reference") / "shards"
+    _ok(run_module("data_engine.shard", *SHARD, "--out", out))
+    return out
+
+
+def _copy(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+def _flip_bit(path: Path, offset: int) -> None:
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        byte = handle.read(1)[0]
+        handle.seek(offset)
+        handle.write(bytes([byte ^ 0x01]))
+
+
+def _shards_intact(out: Path) -> list[str]:
+    """Names of the finished shards, each checked against its sidecar's sha256."""
+    from data_engine.layout import sidecar_path
+    from data_engine.writing.shardwriter import file_sha256
+
+    names = sorted(p.name for p in out.glob("shard-*.tar"))
+    for name in names:
+        meta = json.loads(sidecar_path(out, name).read_text())
+        assert file_sha256(out / name) == meta["sha256"], name
+    return names
+
+
+def _records(run: Path) -> list[dict]:
+    text = (run / "metrics.jsonl").read_text()
+    assert not text or text.endswith("\n"), "torn last line"
+    return [json.loads(line) for line in text.splitlines()]
+
+
+# -- sharding -------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_kill9_while_writing_a_shard(sharded, tmp_path):
+    out = tmp_path / "shards"
+    log = tmp_path / "strace.txt"
+    prefix = strace_kill_prefix(out / ".shard-000003.tar.tmp", "write", log)
+    run_until_killed(prefix, "data_engine.shard", *SHARD, "--out", out, log=log)
+    assert not (out / "manifest.json").exists()
+    assert len(_shards_intact(out)) >= 2  # what was finished before the kill is intact
+    assert not (out / "shard-000003.tar").exists()
+
+    rerun = _ok(run_module("data_engine.shard", *SHARD, "--out", out))
+    assert "already done" in rerun.stderr
+    assert output_bytes(out) == output_bytes(sharded)
+    assert not list(out.glob(".*"))  # the killed writer's temp file is gone
+
+
+@pytest.mark.slow
+def test_disk_full_while_sharding(sharded, tmp_path):
+    total = sum(p.stat().st_size for p in sharded.iterdir() if p.is_file())
+    with small_disk(tmp_path / "disk", total // 2 // 4096 * 4096) as disk:
+        out = disk / "shards"
+        result = run_module("data_engine.shard", *SHARD, "--out", out)
+        line = last_error_line(result, "data_engine.shard")
+        assert line.startswith(f"data_engine.shard: error: cannot write {out}/shard-"), line
+        for part in ("disk full (No space left on device): needs", "unfinished shards",
+                     f"free in {out}", "rerun the same command"):
+            assert part in line, line
+        finished = _shards_intact(out)
+        assert finished and not list(out.glob(".*"))
+
+        resize_disk(disk, 4 * total)  # the user frees space and reruns
+        rerun = _ok(run_module("data_engine.shard", *SHARD, "--out", out))
+        assert f"{len(finished)} already done" in rerun.stderr
+        assert output_bytes(out) == output_bytes(sharded)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cli", ["data_engine.shard", "train"])
+def test_read_only_output_directory(cli, data, tmp_path):
+    with small_disk(tmp_path / "ro", 1 << 20, read_only=True) as disk:
+        if cli == "train":
+            result = run_module("train", "--shards", data / "shards", "--output",
+                                disk / "run", *TINY, "--max-steps", "1")
+            line = last_error_line(result, "train")
+        else:
+            result = run_module("data_engine.shard", *SHARD, "--out", disk / "shards")
+            line = last_error_line(result, cli)
+        assert f"{disk / ('run' if cli == 'train' else 'shards')}" in line, line
+        assert "Read-only file system" in line, line
+
+
+# -- a damaged shards folder ----------------------------------------------------------------
+
+@pytest.mark.slow
+def test_truncated_shard_stops_train_before_step_one(data, tmp_path):
+    shards = _copy(data / "shards", tmp_path / "shards")
+    shard = shards / "shard-000000.tar"
+    recorded = shard.stat().st_size
+    os.truncate(shard, recorded - 10240)  # an interrupted copy
+    before = tree_bytes(shards)
+    result = run_module("train", "--shards", shards, "--output", tmp_path / "run", *TINY)
+    line = last_error_line(result, "train")
+    assert f"{shard}: {recorded - 10240} bytes, manifest.json says {recorded}" in line, line
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before the first step
+    assert tree_bytes(shards) == before
+
+
+@pytest.mark.slow
+def test_bit_flipped_shard_found_by_verify_shards(data, tmp_path):
+    from data_engine.loading.reader import ShardReader
+
+    shards = _copy(data / "shards", tmp_path / "shards")
+    reader = ShardReader(shards)
+    _flip_bit(reader.shard_paths[0], int(reader.image_offset[0] + reader.image_bytes[0] // 2))
+    recorded = json.loads((shards / "manifest.json").read_text())["shards"][0]["sha256"]
+    result = run_module("train", "--shards", shards, "--output", tmp_path / "run", *TINY,
+                        "--verify-shards")
+    line = last_error_line(result, "train")
+    assert f"{reader.shard_paths[0]}: sha256 " in line and f"says {recorded}" in line, line
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def _damage(path: Path, how: str) -> None:
+    if how == "truncated":
+        os.truncate(path, path.stat().st_size // 2)
+    else:
+        _flip_bit(path, path.stat().st_size // 2)
+
+
+@pytest.mark.parametrize("how", ["truncated", "bit-flipped"])
+def test_damaged_index(data, tmp_path, how):
+    """What train runs before step one (size check, then the reader) names index.npz."""
+    from common.errors import UserError
+    from data_engine.loading.integrity import check_shards
+    from data_engine.loading.reader import ShardReader
+
+    shards = _copy(data / "shards", tmp_path / "shards")
+    _damage(shards / "index.npz", how)
+    check_shards(shards)  # the shards themselves are fine
+    with pytest.raises(UserError, match=r"index\.npz") as error:
+        ShardReader(shards)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("how", ["truncated", "bit-flipped"])
+def test_damaged_manifest(data, tmp_path, how):
+    from common.errors import UserError
+    from data_engine.loading.integrity import check_shards
+
+    shards = _copy(data / "shards", tmp_path / "shards")
+    manifest = shards / "manifest.json"
+    first = json.loads(manifest.read_text())["shards"][0]
+    if how == "truncated":
+        _damage(manifest, how)
+        expected = f"{manifest}: unreadable"
+    else:  # the last digit of the first shard's recorded size, one bit off
+        text = manifest.read_text()
+        _flip_bit(manifest, text.index(f'"bytes": {first["bytes"]}') + len(
+            f'"bytes": {first["bytes"]}') - 1)
+        flipped = json.loads(manifest.read_text())["shards"][0]["bytes"]
+        expected = (f"{shards / first['name']}: {first['bytes']} bytes, manifest.json says "
+                    f"{flipped}")
+    with pytest.raises(UserError) as error:
+        check_shards(shards)
+    assert str(error.value).startswith(expected) and "\n" not in str(error.value)
+
+
+# -- training -------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_kill9_while_writing_a_checkpoint(data, tmp_path):
+    run = tmp_path / "run"
+    log = tmp_path / "strace.txt"
+    temp = run / "checkpoints" / ".step-000000004.pt.tmp"
+    prefix = strace_kill_prefix(temp, "fsync", log)  # written in full, not yet renamed
+    run_until_killed(prefix, "train", "--shards", data / "shards", "--output", run, *TINY,
+                     "--max-steps", "4", "--ckpt-every", "2", log=log)
+    from train.checkpoint import list_checkpoints, load_checkpoint
+
+    assert temp.stat().st_size > 0  # killed inside step 4's checkpoint write
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-000000002.pt"]
+    assert load_checkpoint(run / "checkpoints" / "step-000000002.pt")["position"]["step"] == 2
+    assert [r["step"] for r in _records(run)][:3] == [1, 2, 3]
+
+    resumed = _ok(run_module("train", "--output", run, "--resume", timeout=300))
+    assert f"resuming from {run / 'checkpoints' / 'step-000000002.pt'}" in resumed.stderr
+    assert [r["step"] for r in _records(run)] == [1, 2, 3, 4]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "step-000000002.pt", "step-000000004.pt"]  # the temp file was replaced
+
+
+@pytest.mark.slow
+def test_disk_full_while_writing_a_checkpoint(data, trained, tmp_path):
+    size = (trained / "checkpoints" / "step-000000001.pt").stat().st_size
+    with small_disk(tmp_path / "disk", size * 3 // 2 // 4096 * 4096) as disk:
+        run = disk / "run"
+        ckpts = run / "checkpoints"
+        result = run_module("train", "--shards", data / "shards", "--output", run, *TINY,
+                            "--max-steps", "4", "--ckpt-every", "2", timeout=300)
+        line = last_error_line(result, "train")
+        assert line.startswith(f"train: error: cannot write {ckpts / 'step-000000004.pt'}: "
+                               "disk full (No space left on device): needs "), line
+        assert f"free in {ckpts}; last good checkpoint {ckpts / 'step-000000002.pt'}; " \
+               f"free space, then resume with: python -m train --output {run} --resume" in line
+        assert sorted(p.name for p in ckpts.iterdir()) == ["step-000000002.pt"]
+
+        resize_disk(disk, size * 4)
+        _ok(run_module("train", "--output", run, "--resume", timeout=300))
+        assert [r["step"] for r in _records(run)] == [1, 2, 3, 4]
+        assert (ckpts / "step-000000004.pt").is_file()
+
+
+@pytest.mark.slow
+def test_damaged_checkpoints(trained, tmp_path):
+    """Newest truncated, next bit-flipped: resume from the oldest; all damaged: refused."""
+    run = _copy(trained, tmp_path / "run")
+    ckpts = run / "checkpoints"
+    _damage(ckpts / "step-000000003.pt", "truncated")
+    _damage(ckpts / "step-000000002.pt", "bit-flipped")
+    resumed = _ok(run_module("train", "--output", run, "--resume", timeout=300))
+    for step in (3, 2):
+        assert f"skipping unreadable checkpoint {ckpts / f'step-00000000{step}.pt'}" \
+            in resumed.stderr
+    assert f"resuming from {ckpts / 'step-000000001.pt'}" in resumed.stderr
+
+    broken = _copy(trained, tmp_path / "broken")
+    for path in (broken / "checkpoints").iterdir():
+        _damage(path, "truncated")
+    before = tree_bytes(broken)
+    result = run_module("train", "--output", broken, "--resume", timeout=300)
+    line = last_error_line(result, "train")
+    assert line == f"train: error: --resume: no readable checkpoint in {broken / 'checkpoints'}"
+    assert tree_bytes(broken) == before
+
+
+@pytest.mark.slow
+def test_sigterm_during_validation(data, tmp_path):
+    """SIGTERM as validation starts (right after step 3's record): validation finishes, the
+    step is checkpointed, exit 0 with the resume command."""
+    run = tmp_path / "run"
+    args = [*TINY, "--val", str(data / "val"), "--val-every", "3", "--max-steps", "8"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "train", "--shards", str(data / "shards"), "--output",
+         str(run), *args], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not ((run / "metrics.jsonl").is_file()
+               and any(r["step"] == 3 for r in _records(run))):
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=240)
+    assert process.returncode == 0, err
+    assert f"stopped by SIGTERM at step 3; resume with: python -m train --output {run} " \
+           "--resume" in out
+    assert [(r["step"], r.get("kind")) for r in _records(run)] == [
+        (1, None), (2, None), (3, None), (3, "val")]
+    from train.checkpoint import load_checkpoint
+
+    assert load_checkpoint(run / "checkpoints" / "step-000000003.pt")["position"]["step"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change", ["dataset", "settings"])
+def test_resume_refuses_another_run(data, trained, tmp_path, change):
+    run = _copy(trained, tmp_path / "run")
+    before = tree_bytes(run)
+    if change == "dataset":
+        result = run_module("train", "--output", run, "--resume", "--shards",
+                            data / "other", timeout=300)
+        expected = (f"train: error: --resume: {run / 'checkpoints'} was trained on another "
+                    f"dataset (10 identities, 80 images) than --shards {data / 'other'}")
+    else:
+        result = run_module("train", "--output", run, "--resume", "--embedding-size", "128",
+                            "--lr", "0.05")
+        expected = (f"train: error: --resume: {run / 'config.toml'} was trained with other "
+                    "settings (--embedding-size 64 -> 128; --lr 0.1 -> 0.05)")
+    assert last_error_line(result, "train").startswith(expected)
+    assert tree_bytes(run) == before
+
+
+def test_disk_full_in_metrics_jsonl(tmp_path):
+    """A full disk mid-record: the file keeps whole lines only, and takes more once freed."""
+    from common.files import WriteError
+    from train.metrics import MetricsLog
+
+    with small_disk(tmp_path / "disk", 64 << 10) as disk:
+        run = disk / "run"
+        run.mkdir()
+        log = MetricsLog(run, tensorboard=False)
+        for step in (1, 2, 3):
+            log.write({"step": step, "loss": 1.0})
+        before = (run / "metrics.jsonl").read_bytes()
+        filler = fill_disk(disk)
+        with pytest.raises(WriteError) as error:
+            for step in range(4, 10_000):
+                log.write({"step": step, "loss": 1.0, "note": "x" * 300})
+        assert str(error.value).startswith(f"cannot write {run / 'metrics.jsonl'}: disk full")
+        text = (run / "metrics.jsonl").read_bytes()
+        assert text.startswith(before) and text.endswith(b"\n")
+        steps = [json.loads(line)["step"] for line in text.splitlines()]
+        assert steps == list(range(1, len(steps) + 1))
+
+        filler.unlink()
+        log.write({"step": len(steps) + 1, "loss": 1.0})
+        log.close()
+        assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_bytes()
+                .splitlines()] == list(range(1, len(steps) + 2))
+
+
+def test_disk_full_in_tensorboard(tmp_path, capfd):
+    from common.files import WriteError
+    from train.metrics import MetricsLog
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with small_disk(run / "tensorboard", 64 << 10) as board:
+        log = MetricsLog(run, tensorboard=True)
+        log.write({"step": 1, "loss": 1.0})
+        fill_disk(board)
+        with pytest.raises(WriteError) as error:
+            for step in range(2, 100_000):
+                log.write({"step": step, "loss": 1.0, "lr": 0.1, "other": 2.0})
+        log.close()
+        assert str(error.value).startswith(f"cannot write {board}: disk full"), error.value
+        steps = [r["step"] for r in _records(run)]
+        assert steps == list(range(1, len(steps) + 1))  # metrics.jsonl is whole and complete
+        assert "Traceback" not in capfd.readouterr().err  # the writer thread stays quiet
+
+
+def test_disk_full_in_evaluate_writers(tmp_path):
+    """The feature cache keeps its old features and key; JSON and report files are not
+    left half-written."""
+    from common.files import WriteError
+    from evaluate.__main__ import _write_json
+    from evaluate.features import cached_features
+    from evaluate.report import write_report
+
+    old = np.arange(64 * 100, dtype=np.float32).reshape(100, 64)
+    with small_disk(tmp_path / "disk", 256 << 10) as disk:
+        cache = disk / "features.npy"
+        cached_features(cache, {"model": "a"}, lambda: old)
+        run = disk / "run"
+        run.mkdir()
+        (run / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": s, "epoch": 0, "loss": 5.0 - s, "lr": 0.1}) + "\n"
+            for s in range(1, 5)))
+        kept = tree_bytes(disk)
+        fill_disk(disk)
+        with pytest.raises(WriteError, match=f"cannot write {cache}.new: disk full"):
+            cached_features(cache, {"model": "b"}, lambda: old + 1)
+        with pytest.raises(WriteError, match=f"cannot write {disk / 'ijbc.json'}: disk full"):
+            _write_json(disk / "ijbc.json", {"top1": 0.5})
+        with pytest.raises(WriteError, match=f"cannot write {run / 'report'}/.*: disk full"):
+            write_report(run)
+        (disk / "filler").unlink()
+        assert {k: v for k, v in tree_bytes(disk).items() if not k.startswith("run/report")} \
+            == kept
+        assert not list((run / "report").iterdir())
+        reused = cached_features(cache, {"model": "a"}, lambda: pytest.fail("recomputed"))
+        assert np.array_equal(reused, old)
+
+
+@pytest.fixture(scope="module")
+def ijb_and_models(tmp_path_factory):
+    """A tiny synthetic IJB-C and two different tiny models."""
+    from model.backbones import get_model
+
+    root = tmp_path_factory.mktemp("ijb")
+    _ok(run_module("evaluate", "synth-ijb", "--out", root / "ijbc", "--identities", "4",
+                   "--probes", "1", "--first-identity", "500", "--seed", "3"))
+    models = []
+    for seed in (0, 1):
+        folder = root / f"model{seed}"
+        folder.mkdir()
+        torch.manual_seed(seed)
+        net = get_model("mbf", embedding_size=64, **json.loads(TINY_NET))
+        torch.save(net.state_dict(), folder / "model.pt")
+        (folder / "model.json").write_text(json.dumps(
+            {"network": "mbf", "embedding_size": 64, "network_args": json.loads(TINY_NET)}))
+        models.append(folder / "model.pt")
+    return root / "ijbc", models
+
+
+@pytest.mark.slow
+def test_kill9_while_evaluate_commits_its_cache(ijb_and_models, tmp_path):
+    """Killed after model B's features replaced model A's but before their key was written:
+    a run with model A must not take B's features for its own."""
+    root, (model_a, model_b) = ijb_and_models
+    cache = tmp_path / "cache" / "features.npy"
+
+    def evaluate(model: Path, out: Path, prefix: list[str] | None = None):
+        args = ["ijbc", "--root", root, "--model", model, "--device", "cpu", "--batch-size",
+                "16", "--cache", cache, "--out", out]
+        if prefix is None:
+            return _ok(run_module("evaluate", *args, timeout=300))
+        return run_until_killed(prefix, "evaluate", *args, log=tmp_path / "strace.txt")
+
+    first = evaluate(model_a, tmp_path / "a.json")
+    assert "cached features in" in first.stderr
+    sidecar_temp = cache.parent / ".features.json.tmp"
+    evaluate(model_b, tmp_path / "b.json",
+             strace_kill_prefix(sidecar_temp, "fsync", tmp_path / "strace.txt"))
+    assert not cache.with_suffix(".json").exists() and not (tmp_path / "b.json").exists()
+
+    again = evaluate(model_a, tmp_path / "a2.json")
+    assert "using cached features" not in again.stderr
+    assert (tmp_path / "a2.json").read_bytes() == (tmp_path / "a.json").read_bytes()
