@@ -61,10 +61,12 @@ def read_state_dict(path: Path | str) -> dict:
     except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as error:
         raise UserError(f"{path}: not a loadable PyTorch weights file ({first_line(error)})"
                         ) from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
-                                              for v in state.values()):
-        raise UserError(f"{path}: expected a state_dict of tensors, got "
-                        f"{type(state).__name__}")
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: expected a state_dict, got {type(state).__name__}")
+    other = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+    if other is not None:
+        raise UserError(f"{path}: key {other!r} holds a {type(state[other]).__name__}, not a "
+                        "tensor: a training checkpoint? save the backbone's state_dict alone")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -112,7 +114,6 @@ def load_backbone(model_path: Path | str, network: str | None = None,
         raise UserError(f"--network {name}: {error}") from None
     load_weights(backbone, state, model_path, name)
     return backbone.to(device).eval()
-
 
 
 class Embedder(Protocol):
