@@ -65,7 +65,7 @@ def read_state_dict(path: Path | str) -> dict:
         raise UserError(f"{path}: expected a state_dict, got {type(state).__name__}")
     other = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
     if other is not None:
-        raise UserError(f"{path}: key {other!r} holds a {type(state[other]).__name__}, not a "
+        raise UserError(f"{path}: key {other!r} holds {type(state[other]).__name__}, not a "
                         "tensor: a training checkpoint? save the backbone's state_dict alone")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
