@@ -103,3 +103,15 @@ def test_checked_cuda_call_raises_at_the_failing_call() -> None:
     message = str(raised.value)
     assert message.startswith("cudaHostUnregister(") and f"CUDA error {code} ({reason})" \
         in message, message
+
+
+def test_one_pass_at_a_time(shards: Path) -> None:  # noqa: F811
+    """Two live iterators over one pool would take each other's batches: the second is refused
+    until the first is closed."""
+    with build_loader(shards, 4, K, seed=0, backend="torch", device="cpu", workers=1) as loader:
+        first = iter(loader)
+        next(first)
+        with pytest.raises(RuntimeError, match="one pass at a time"):
+            next(iter(loader))
+        first.close()
+        assert next(iter(loader)).identity.shape == (4, 3, 112, 112)

@@ -217,6 +217,7 @@ class TorchBatches:
         self.device = torch.device(device)
         self.workers = workers
         self._pool: _Pool | None = None
+        self._passing = False  # a pass is under way: the pool serves one at a time
 
     def close(self) -> None:
         """Stop the workers and unpin the slots; a later :meth:`run` starts a new pool."""
@@ -248,8 +249,12 @@ class TorchBatches:
         if self.workers == 0:
             yield from self._run_inline(plan, start_step)
             return
+        if self._passing:
+            raise RuntimeError("the torch backend's workers serve one pass at a time: close "
+                               "or exhaust the previous epoch's iterator first")
         pool = self._pool_for(plan)
         slots = pool.slots
+        self._passing = True
         steps = plan.steps(start_step)
         busy: set[int] = set()  # slots of steps dispatched and not yet handed out
         done: dict[int, tuple] = {}  # step -> (slot, replaced, error, crashed)
@@ -273,6 +278,7 @@ class TorchBatches:
         finally:
             # Stopped early (a signal, --max-steps, bad data): finish the tasks in flight
             # and keep the pool for the next pass.
+            self._passing = False
             if self._pool is pool:
                 try:
                     pool.drain()
