@@ -15,6 +15,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -137,10 +138,44 @@ def _embedder(args: argparse.Namespace):
 def run_ijb(args: argparse.Namespace) -> int:
     from evaluate import ijb, ijb_meta
     from evaluate.roc import roc_points
+    from evaluate.templates import pool_templates
 
     prefix, root = args.command, args.root
-    images = ijb_meta.read_image_meta(root, prefix)
-    protocol = ijb.read_protocol(root, prefix)  # before the network: bad meta fails fast
+    with ThreadPoolExecutor(1) as reader:
+        # The 1:1 and 1:N lists (15.7M pair lines for IJB-C) are parsed in a second thread
+        # (numpy's parsing releases the GIL) while this one reads the images and features
+        # and pools the templates.
+        reading = reader.submit(ijb.read_protocol, root, prefix)
+        images = ijb_meta.read_image_meta(root, prefix)
+        if args.model is not None:
+            reading.result()  # before the network: bad meta fails fast
+        features, faceness = _ijb_inputs(args, images)
+        distractors = None if args.distractors is None else _load_matrix(args.distractors,
+                                                                         "distractor matrix")
+        pooled = pool_templates(features, images.templates, images.medias, faceness)
+        result = ijb.score_templates(pooled, reading.result(), distractors=distractors,
+                                     open_set=args.open_set, full_roc=args.plot is not None)
+    gallery = "+".join(ijb_meta.GALLERIES[prefix])
+    if distractors is not None:
+        gallery += f" + {len(distractors)} distractors"
+    print(format_ijb_table(prefix.upper().replace("IJB", "IJB-"), result.metrics, gallery))
+    if args.out:
+        _write_json(args.out, {**result.metrics, "roc": roc_points(result.fpr, result.tpr)})
+    if args.plot:
+        from evaluate.roc import plot_roc
+
+        label = Path(args.model or args.features).name
+        plot_roc({label: (result.fpr, result.tpr)}, str(args.plot),
+                 f"{prefix.upper().replace('IJB', 'IJB-')} 1:1 ROC")
+        log.info("ROC plot written to %s", args.plot)
+    return 0
+
+
+def _ijb_inputs(args: argparse.Namespace, images) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per-image features (the network's, cached, or --features) and detector scores."""
+    from evaluate import ijb, ijb_meta
+
+    prefix, root = args.command, args.root
     tid_mid = ijb_meta.meta_path(root, prefix, "face_tid_mid.txt")
     landmarks = None
     if args.model is not None or (args.detector_score and args.faceness is None):
@@ -171,25 +206,7 @@ def run_ijb(args: argparse.Namespace) -> int:
                                 f"{len(images.names)} images")
         else:
             faceness = landmarks.scores
-    distractors = None if args.distractors is None else _load_matrix(args.distractors,
-                                                                     "distractor matrix")
-    result = ijb.score(images, np.asarray(features), faceness, protocol,
-                       distractors=distractors, open_set=args.open_set,
-                       full_roc=args.plot is not None)
-    gallery = "+".join(ijb_meta.GALLERIES[prefix])
-    if distractors is not None:
-        gallery += f" + {len(distractors)} distractors"
-    print(format_ijb_table(prefix.upper().replace("IJB", "IJB-"), result.metrics, gallery))
-    if args.out:
-        _write_json(args.out, {**result.metrics, "roc": roc_points(result.fpr, result.tpr)})
-    if args.plot:
-        from evaluate.roc import plot_roc
-
-        label = Path(args.model or args.features).name
-        plot_roc({label: (result.fpr, result.tpr)}, str(args.plot),
-                 f"{prefix.upper().replace('IJB', 'IJB-')} 1:1 ROC")
-        log.info("ROC plot written to %s", args.plot)
-    return 0
+    return np.asarray(features), faceness
 
 
 def format_ijb_table(title: str, metrics: dict, gallery: str) -> str:

@@ -102,7 +102,15 @@ def score(images: ijb_meta.ImageMeta, features: np.ndarray, faceness: np.ndarray
 
     The ROC is built up to FAR 0.3 only (all the metrics need) unless ``full_roc`` (plots).
     """
-    pooled = pool_templates(features, images.templates, images.medias, faceness)
+    return score_templates(pool_templates(features, images.templates, images.medias, faceness),
+                           protocol, distractors=distractors, open_set=open_set,
+                           full_roc=full_roc)
+
+
+def score_templates(pooled: TemplateFeatures, protocol: Protocol, *,
+                    distractors: np.ndarray | None = None, open_set: bool = False,
+                    full_roc: bool = False) -> IJBResult:
+    """:func:`score` from already pooled template features."""
     pairs = protocol.pairs
     scores = pair_scores(pooled.features, pooled.rows(pairs[:, 0], protocol.pairs_file),
                          pooled.rows(pairs[:, 1], protocol.pairs_file))
