@@ -91,7 +91,8 @@ def run_until_killed(prefix: list[str], module: str, *args: str | Path, log: Pat
     kill what is left of the job (the OOM killer or a power cut takes the whole job)."""
     process = subprocess.Popen(
         [*prefix, sys.executable, "-m", module, *map(str, args)], cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + timeout
     try:

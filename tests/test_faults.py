@@ -63,6 +63,15 @@ SHARD = ["--src", "synthetic", "--identities", "24", "--images-per-identity", "4
          "2", "--shard-size", "24k", "--workers", "1"]
 
 
+# One thread per process: the tests share two busy cores, where torch's default thread
+# pool spends more time spinning than computing.
+THREADS = {"OMP_NUM_THREADS": "1"}
+
+
+def cli(module: str, *args, **kwargs) -> subprocess.CompletedProcess:
+    return run_module(module, *args, env=THREADS, **kwargs)
+
+
 def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -73,10 +82,10 @@ def data(tmp_path_factory) -> Path:
     """Training shards (10 ids x 8 images), another dataset (12 ids), a tiny .bin."""
     root = tmp_path_factory.mktemp("faults")
     for name, ids, seed in (("shards", "10", "0"), ("other", "12", "1")):
-        _ok(run_module("data_engine.shard", "--src", "synthetic", "--identities", ids,
+        _ok(cli("data_engine.shard", "--src", "synthetic", "--identities", ids,
                        "--images-per-identity", "8", "--seed", seed, "--workers", "1",
                        "--out", root / name))
-    _ok(run_module("evaluate", "synth-bin", "--out", root / "val" / "synth.bin",
+    _ok(cli("evaluate", "synth-bin", "--out", root / "val" / "synth.bin",
                    "--identities", "10", "--first-identity", "1000", "--pairs", "20"))
     return root
 
@@ -85,7 +94,7 @@ def data(tmp_path_factory) -> Path:
 def trained(data, tmp_path_factory) -> Path:
     """A run with checkpoints at steps 1, 2 and 3 (copy it before changing it)."""
     run = tmp_path_factory.mktemp("trained") / "run"
-    _ok(run_module("train", "--shards", data / "shards", "--output", run, *TINY,
+    _ok(cli("train", "--shards", data / "shards", "--output", run, *TINY,
                    "--max-steps", "3", "--ckpt-every", "1", timeout=300))
     return run
 
@@ -94,7 +103,7 @@ def trained(data, tmp_path_factory) -> Path:
 def sharded(tmp_path_factory) -> Path:
     """The reference output of SHARD, written without faults."""
     out = tmp_path_factory.mktemp("reference") / "shards"
-    _ok(run_module("data_engine.shard", *SHARD, "--out", out))
+    _ok(cli("data_engine.shard", *SHARD, "--out", out))
     return out
 
 
@@ -141,7 +150,7 @@ def test_kill9_while_writing_a_shard(sharded, tmp_path):
     assert len(_shards_intact(out)) >= 2  # what was finished before the kill is intact
     assert not (out / "shard-000003.tar").exists()
 
-    rerun = _ok(run_module("data_engine.shard", *SHARD, "--out", out))
+    rerun = _ok(cli("data_engine.shard", *SHARD, "--out", out))
     assert "already done" in rerun.stderr
     assert output_bytes(out) == output_bytes(sharded)
     assert not list(out.glob(".*"))  # the killed writer's temp file is gone
@@ -152,7 +161,7 @@ def test_disk_full_while_sharding(sharded, tmp_path):
     total = sum(p.stat().st_size for p in sharded.iterdir() if p.is_file())
     with small_disk(tmp_path / "disk", total // 2 // 4096 * 4096) as disk:
         out = disk / "shards"
-        result = run_module("data_engine.shard", *SHARD, "--out", out)
+        result = cli("data_engine.shard", *SHARD, "--out", out)
         line = last_error_line(result, "data_engine.shard")
         assert line.startswith(f"data_engine.shard: error: cannot write {out}/shard-"), line
         for part in ("disk full (No space left on device): needs", "unfinished shards",
@@ -162,7 +171,7 @@ def test_disk_full_while_sharding(sharded, tmp_path):
         assert finished and not list(out.glob(".*"))
 
         resize_disk(disk, 4 * total)  # the user frees space and reruns
-        rerun = _ok(run_module("data_engine.shard", *SHARD, "--out", out))
+        rerun = _ok(cli("data_engine.shard", *SHARD, "--out", out))
         assert f"{len(finished)} already done" in rerun.stderr
         assert output_bytes(out) == output_bytes(sharded)
 
@@ -172,11 +181,11 @@ def test_disk_full_while_sharding(sharded, tmp_path):
 def test_read_only_output_directory(cli, data, tmp_path):
     with small_disk(tmp_path / "ro", 1 << 20, read_only=True) as disk:
         if cli == "train":
-            result = run_module("train", "--shards", data / "shards", "--output",
+            result = cli("train", "--shards", data / "shards", "--output",
                                 disk / "run", *TINY, "--max-steps", "1")
             line = last_error_line(result, "train")
         else:
-            result = run_module("data_engine.shard", *SHARD, "--out", disk / "shards")
+            result = cli("data_engine.shard", *SHARD, "--out", disk / "shards")
             line = last_error_line(result, cli)
         assert f"{disk / ('run' if cli == 'train' else 'shards')}" in line, line
         assert "Read-only file system" in line, line
@@ -191,7 +200,7 @@ def test_truncated_shard_stops_train_before_step_one(data, tmp_path):
     recorded = shard.stat().st_size
     os.truncate(shard, recorded - 10240)  # an interrupted copy
     before = tree_bytes(shards)
-    result = run_module("train", "--shards", shards, "--output", tmp_path / "run", *TINY)
+    result = cli("train", "--shards", shards, "--output", tmp_path / "run", *TINY)
     line = last_error_line(result, "train")
     assert f"{shard}: {recorded - 10240} bytes, manifest.json says {recorded}" in line, line
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before the first step
@@ -206,7 +215,7 @@ def test_bit_flipped_shard_found_by_verify_shards(data, tmp_path):
     reader = ShardReader(shards)
     _flip_bit(reader.shard_paths[0], int(reader.image_offset[0] + reader.image_bytes[0] // 2))
     recorded = json.loads((shards / "manifest.json").read_text())["shards"][0]["sha256"]
-    result = run_module("train", "--shards", shards, "--output", tmp_path / "run", *TINY,
+    result = cli("train", "--shards", shards, "--output", tmp_path / "run", *TINY,
                         "--verify-shards")
     line = last_error_line(result, "train")
     assert f"{reader.shard_paths[0]}: sha256 " in line and f"says {recorded}" in line, line
@@ -275,7 +284,7 @@ def test_kill9_while_writing_a_checkpoint(data, tmp_path):
     assert load_checkpoint(run / "checkpoints" / "step-000000002.pt")["position"]["step"] == 2
     assert [r["step"] for r in _records(run)][:3] == [1, 2, 3]
 
-    resumed = _ok(run_module("train", "--output", run, "--resume", timeout=300))
+    resumed = _ok(cli("train", "--output", run, "--resume", timeout=300))
     assert f"resuming from {run / 'checkpoints' / 'step-000000002.pt'}" in resumed.stderr
     assert [r["step"] for r in _records(run)] == [1, 2, 3, 4]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
@@ -288,7 +297,7 @@ def test_disk_full_while_writing_a_checkpoint(data, trained, tmp_path):
     with small_disk(tmp_path / "disk", size * 3 // 2 // 4096 * 4096) as disk:
         run = disk / "run"
         ckpts = run / "checkpoints"
-        result = run_module("train", "--shards", data / "shards", "--output", run, *TINY,
+        result = cli("train", "--shards", data / "shards", "--output", run, *TINY,
                             "--max-steps", "4", "--ckpt-every", "2", timeout=300)
         line = last_error_line(result, "train")
         assert line.startswith(f"train: error: cannot write {ckpts / 'step-000000004.pt'}: "
@@ -298,7 +307,7 @@ def test_disk_full_while_writing_a_checkpoint(data, trained, tmp_path):
         assert sorted(p.name for p in ckpts.iterdir()) == ["step-000000002.pt"]
 
         resize_disk(disk, size * 4)
-        _ok(run_module("train", "--output", run, "--resume", timeout=300))
+        _ok(cli("train", "--output", run, "--resume", timeout=300))
         assert [r["step"] for r in _records(run)] == [1, 2, 3, 4]
         assert (ckpts / "step-000000004.pt").is_file()
 
@@ -310,7 +319,7 @@ def test_damaged_checkpoints(trained, tmp_path):
     ckpts = run / "checkpoints"
     _damage(ckpts / "step-000000003.pt", "truncated")
     _damage(ckpts / "step-000000002.pt", "bit-flipped")
-    resumed = _ok(run_module("train", "--output", run, "--resume", timeout=300))
+    resumed = _ok(cli("train", "--output", run, "--resume", timeout=300))
     for step in (3, 2):
         assert f"skipping unreadable checkpoint {ckpts / f'step-00000000{step}.pt'}" \
             in resumed.stderr
@@ -320,7 +329,7 @@ def test_damaged_checkpoints(trained, tmp_path):
     for path in (broken / "checkpoints").iterdir():
         _damage(path, "truncated")
     before = tree_bytes(broken)
-    result = run_module("train", "--output", broken, "--resume", timeout=300)
+    result = cli("train", "--output", broken, "--resume", timeout=300)
     line = last_error_line(result, "train")
     assert line == f"train: error: --resume: no readable checkpoint in {broken / 'checkpoints'}"
     assert tree_bytes(broken) == before
@@ -334,7 +343,7 @@ def test_sigterm_during_validation(data, tmp_path):
     args = [*TINY, "--val", str(data / "val"), "--val-every", "3", "--max-steps", "8"]
     process = subprocess.Popen(
         [sys.executable, "-m", "train", "--shards", str(data / "shards"), "--output",
-         str(run), *args], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+         str(run), *args], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **THREADS},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while not ((run / "metrics.jsonl").is_file()
@@ -362,12 +371,12 @@ def test_resume_refuses_another_run(data, trained, tmp_path, change):
     run = _copy(trained, tmp_path / "run")
     before = tree_bytes(run)
     if change == "dataset":
-        result = run_module("train", "--output", run, "--resume", "--shards",
+        result = cli("train", "--output", run, "--resume", "--shards",
                             data / "other", timeout=300)
         expected = (f"train: error: --resume: {run / 'checkpoints'} was trained on another "
                     f"dataset (10 identities, 80 images) than --shards {data / 'other'}")
     else:
-        result = run_module("train", "--output", run, "--resume", "--embedding-size", "128",
+        result = cli("train", "--output", run, "--resume", "--embedding-size", "128",
                             "--lr", "0.05")
         expected = (f"train: error: --resume: {run / 'config.toml'} was trained with other "
                     "settings (--embedding-size 64 -> 128; --lr 0.1 -> 0.05)")
@@ -463,7 +472,7 @@ def ijb_and_models(tmp_path_factory):
     from model.backbones import get_model
 
     root = tmp_path_factory.mktemp("ijb")
-    _ok(run_module("evaluate", "synth-ijb", "--out", root / "ijbc", "--identities", "4",
+    _ok(cli("evaluate", "synth-ijb", "--out", root / "ijbc", "--identities", "4",
                    "--probes", "1", "--first-identity", "500", "--seed", "3"))
     models = []
     for seed in (0, 1):
@@ -489,7 +498,7 @@ def test_kill9_while_evaluate_commits_its_cache(ijb_and_models, tmp_path):
         args = ["ijbc", "--root", root, "--model", model, "--device", "cpu", "--batch-size",
                 "16", "--cache", cache, "--out", out]
         if prefix is None:
-            return _ok(run_module("evaluate", *args, timeout=300))
+            return _ok(cli("evaluate", *args, timeout=300))
         return run_until_killed(prefix, "evaluate", *args, log=tmp_path / "strace.txt")
 
     first = evaluate(model_a, tmp_path / "a.json")
