@@ -13,12 +13,13 @@ is recorded with its exact error text, and the next one starts):
                  to the end; samples/s, peak memory, resumed weights vs the straight run's
   pixels         DALI GPU ("mixed") decode vs the CPU decode of the same JPEGs
   loader_dali    bench/loader.py, DALI mixed backend: images/s, host CPU-seconds per image
-  train_step_1m  bench/train_step.py R50, B=384, k=2, N=1M: fc, attfc, official attfc
+  train_step_1m  bench/train_step.py R50, B=384, k=2, N=1M: fc, attfc, official attfc, and
+                 where attfc's step time goes (--profile), host syncs per step
   heads_1m       bench/heads.py at N=1M: fc, partialfc, attfc, official attfc
   train_dali     as train, with --backend dali
   loader_torch   bench/loader.py, torch backend to CUDA
-  train_step_1m_compiled, train_compile, heads_2m, train_step_93k: the same, compiled / at
-                 N=2M / at N=93k
+  train_step_1m_compiled, train_compile, heads_2m, train_step_93k: the same, compiled (both
+                 encoders) / at N=2M / at N=93k
 The whole command stops starting sub-checks when --budget seconds are used up (those left
 are recorded as skipped). The summary is printed as the last line and written to --json,
 or to $OUT/gpu_check.json when $OUT is set, after every sub-check (a killed run leaves
@@ -77,6 +78,7 @@ class Sizes:
     train_network: list[str]
     train_batch: int
     train_precision: str
+    log_every: int  # metrics.jsonl records: how closely the SIGTERM follows the target step
     workers: int
     step_network: list[str]
     step_batch: int
@@ -92,7 +94,7 @@ class Sizes:
             return Sizes(
                 identities=1500, images_per_identity=8,
                 train_network=["--network", "r18"], train_batch=128, train_precision="bf16",
-                workers=os.cpu_count() or 1,
+                log_every=5, workers=os.cpu_count() or 1,
                 step_network=["--network", "r50"], step_batch=384,
                 step_classes=(1_000_000, 2_000_000, 93_000),
                 step_steps=["--steps", "20", "--warmup", "5"],
@@ -102,7 +104,7 @@ class Sizes:
                 "--embedding-size", "32"]
         return Sizes(
             identities=4, images_per_identity=2,
-            train_network=tiny, train_batch=2, train_precision="fp32", workers=1,
+            train_network=tiny, train_batch=2, train_precision="fp32", log_every=1, workers=1,
             step_network=tiny, step_batch=2, step_classes=(1000, 2000, 500),
             step_steps=["--steps", "1", "--warmup", "1"],
             head_args=["--batch-size", "16", "--dim", "32", "--steps", "1", "--warmup", "0"],
@@ -185,7 +187,7 @@ def _train_cmd(ctx: Context, run_dir: Path, extra: list[str]) -> list[str]:
     return [sys.executable, "-m", "train", "--shards", str(ctx.shards), "--output",
             str(run_dir), *s.train_network, "--batch-size", str(s.train_batch), "--k", "2",
             "--epochs", "3", "--precision", s.train_precision, "--device", ctx.device,
-            "--val", "none", "--log-every", "1", "--ckpt-every", "1000000",
+            "--val", "none", "--log-every", str(s.log_every), "--ckpt-every", "1000000",
             "--no-tensorboard", "--deterministic", "--seed", "0",
             "--workers", str(s.workers), *extra]
 
@@ -351,12 +353,13 @@ def _train_step(ctx: Context, timeout: float, n: int, heads: list[str],
 
 def check_train_step_1m(ctx: Context, timeout: float) -> dict[str, Any]:
     heads = ["fc", "attfc", "official"] if ctx.device == "cuda" else ["attfc", "official"]
-    return _train_step(ctx, timeout, ctx.sizes.step_classes[0], heads, [])
+    return _train_step(ctx, timeout, ctx.sizes.step_classes[0], heads, ["--profile"])
 
 
 def check_train_step_1m_compiled(ctx: Context, timeout: float) -> dict[str, Any]:
     _need_cuda(ctx, "torch.compile of the encoders takes minutes on a small CPU")
-    return _train_step(ctx, timeout, ctx.sizes.step_classes[0], ["fc", "attfc"], ["--compile"])
+    return _train_step(ctx, timeout, ctx.sizes.step_classes[0], ["fc", "attfc"],
+                       ["--compile", "--compile-class-encoder", "default", "--profile"])
 
 
 def check_train_step_93k(ctx: Context, timeout: float) -> dict[str, Any]:

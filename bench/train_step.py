@@ -95,10 +95,12 @@ def measure(args: SimpleNamespace, head_name: str, num_classes: int) -> dict:
     _sync(device)
     elapsed = time.perf_counter() - start
     syncs = _host_syncs_per_step(step, batches, device) if cuda else None
+    parts = (_profile(step, batches[0], args.steps, device, elapsed / args.steps)
+             if args.profile and head_name == "attfc" else None)
     return {"head": head_name, "n": num_classes, "network": args.network, "batch_size": B,
             "k": k, "precision": precision, "compile": args.compile,
             "compile_class_encoder": args.compile_class_encoder,
-            "host_syncs_per_step": syncs,
+            "host_syncs_per_step": syncs, "profile": parts,
             "samples_per_s": B * args.steps / elapsed, "step_s": elapsed / args.steps,
             "peak_mem_bytes": peak_memory_bytes(device), "loss": loss,
             "device": torch.cuda.get_device_name(device) if cuda else platform.processor()
@@ -119,6 +121,48 @@ def _host_syncs_per_step(step, batches: list, device: str, steps: int = 2) -> fl
         torch.cuda.set_sync_debug_mode("default")
     _sync(device)
     return sum("synchroniz" in str(w.message) for w in caught) / steps
+
+
+def _timed(work, steps: int, device: str) -> float:
+    """Seconds per call of ``work`` (after one untimed call), synchronised around."""
+    work()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        work()
+    _sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def _profile(step, batch, steps: int, device: str, step_s: float) -> dict:
+    """Where an attfc step's time goes: each part timed alone on the same model and batch,
+    as shares of the full step; "head and glue" is what the parts leave (the attention
+    loader, DCC push, chunked loss forward and backward, the uint8 conversions)."""
+    from model.backbones import normalize_images
+
+    backbone, head, optimizer = step.backbone, step.head, step.optimizer
+    images = normalize_images(batch.identity).contiguous(memory_format=torch.channels_last)
+    class_images = normalize_images(batch.classes)
+
+    def feature_encoder() -> None:
+        with step._autocast():
+            features = step.forward_backbone(images)
+        features.float().square().mean().backward()
+
+    def class_encoder() -> None:
+        with step._autocast():
+            head.encode_classes(class_images)
+
+    seconds = {"feature_encoder_fwd_bwd": _timed(feature_encoder, steps, device),
+               "class_encoder_fwd": _timed(class_encoder, steps, device),
+               "optimizer_step": _timed(optimizer.step, steps, device),
+               "momentum_update": _timed(lambda: head.after_optimizer_step(backbone), steps,
+                                         device)}
+    optimizer.zero_grad(set_to_none=True)
+    seconds["head_and_glue"] = step_s - sum(seconds.values())  # < 0: noise, retime
+    return {"step_ms": round(1e3 * step_s, 2),
+            "ms": {name: round(1e3 * value, 2) for name, value in seconds.items()},
+            "percent": {name: round(100 * value / step_s, 1) for name, value in seconds.items()}}
 
 
 def _child(args: SimpleNamespace, head: str, n: int, queue: multiprocessing.Queue) -> None:
@@ -148,6 +192,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                         help="auto: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder")
+    parser.add_argument("--profile", action="store_true",
+                        help="attfc: also time each part of the step alone (percent of it)")
     parser.add_argument("--compile-class-encoder", default="none",
                         choices=["none", "default", "reduce-overhead", "max-autotune"],
                         help="attfc/official: torch.compile the class encoder in this mode "

@@ -49,6 +49,9 @@ def test_cpu_mode_runs_every_check_and_writes_the_summary(tmp_path) -> None:
     step = checks["train_step_1m"]
     assert [r["head"] for r in step["results"]] == ["attfc", "official"]
     assert step["attfc_vs_official"]["1000"]["samples_per_s"] > 0
+    assert set(step["results"][0]["profile"]["percent"]) == {
+        "feature_encoder_fwd_bwd", "class_encoder_fwd", "optimizer_step", "momentum_update",
+        "head_and_glue"}
     assert [r["n"] for r in checks["heads_1m"]["attfc_vs_official"]] == [1000]
     assert checks["loader_torch"]["ours_images_per_s"] > 0
     for name in GPU_ONLY:
