@@ -55,8 +55,9 @@ from tests.fault_helpers import (
 from tests.shard_helpers import output_bytes
 
 TINY_NET = '{"blocks": [1, 1, 1, 1], "scale": 1}'
+# fc: the cheapest head (identity images only); what these rows test does not depend on it.
 TINY = ["--network", "mbf", "--network-args", TINY_NET, "--embedding-size", "64",
-        "--batch-size", "8", "--gamma", "0.9", "--device", "cpu", "--backend", "torch",
+        "--head", "fc", "--batch-size", "8", "--device", "cpu", "--backend", "torch",
         "--workers", "1", "--no-tensorboard", "--val", "none", "--log-every", "1"]
 # 24 small synthetic people in ~8 shards: enough shards to kill or fill mid-way.
 SHARD = ["--src", "synthetic", "--identities", "24", "--images-per-identity", "4", "--seed",
@@ -177,17 +178,16 @@ def test_disk_full_while_sharding(sharded, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cli", ["data_engine.shard", "train"])
-def test_read_only_output_directory(cli, data, tmp_path):
+@pytest.mark.parametrize("prog", ["data_engine.shard", "train"])
+def test_read_only_output_directory(prog, data, tmp_path):
     with small_disk(tmp_path / "ro", 1 << 20, read_only=True) as disk:
-        if cli == "train":
-            result = cli("train", "--shards", data / "shards", "--output",
-                                disk / "run", *TINY, "--max-steps", "1")
-            line = last_error_line(result, "train")
+        if prog == "train":
+            result = cli("train", "--shards", data / "shards", "--output", disk / "run",
+                         *TINY, "--max-steps", "1")
         else:
             result = cli("data_engine.shard", *SHARD, "--out", disk / "shards")
-            line = last_error_line(result, cli)
-        assert f"{disk / ('run' if cli == 'train' else 'shards')}" in line, line
+        line = last_error_line(result, prog)
+        assert f"{disk / ('run' if prog == 'train' else 'shards')}" in line, line
         assert "Read-only file system" in line, line
 
 
