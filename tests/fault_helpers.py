@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -86,16 +86,28 @@ def strace_kill_prefix(path: Path, call: str, log: Path) -> list[str]:
 
 
 def run_until_killed(prefix: list[str], module: str, *args: str | Path, log: Path,
-                     timeout: float = 240) -> None:
+                     timeout: float = 240, attach_when: Callable[[], bool] | None = None,
+                     ) -> None:
     """Run ``python -m module`` under ``prefix`` until strace reports the SIGKILL, then
-    kill what is left of the job (the OOM killer or a power cut takes the whole job)."""
+    kill what is left of the job (the OOM killer or a power cut takes the whole job).
+
+    With ``attach_when``, the process starts untraced and strace attaches once that is
+    true (after torch's imports, which are slow under ptrace)."""
+    command = [sys.executable, "-m", module, *map(str, args)]
     process = subprocess.Popen(
-        [*prefix, sys.executable, "-m", module, *map(str, args)], cwd=REPO,
+        command if attach_when else [*prefix, *command], cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True, start_new_session=True)
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + timeout
+    tracer = None
     try:
+        if attach_when is not None:
+            while not attach_when():
+                assert process.poll() is None, process.stderr.read()
+                assert time.monotonic() < deadline, "never ready to attach"
+                time.sleep(0.05)
+            tracer = subprocess.Popen([*prefix, "-p", str(process.pid)],
+                                      stderr=subprocess.DEVNULL)
         while "killed by SIGKILL" not in (log.read_text() if log.exists() else ""):
             if process.poll() is not None:
                 raise AssertionError(f"finished without being killed: {process.stderr.read()}")
@@ -105,6 +117,8 @@ def run_until_killed(prefix: list[str], module: str, *args: str | Path, log: Pat
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.communicate(timeout=60)
+        if tracer is not None:
+            tracer.wait(timeout=60)
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:

@@ -273,22 +273,24 @@ def test_damaged_manifest(data, tmp_path, how):
 def test_kill9_while_writing_a_checkpoint(data, tmp_path):
     run = tmp_path / "run"
     log = tmp_path / "strace.txt"
-    temp = run / "checkpoints" / ".step-000000004.pt.tmp"
+    temp = run / "checkpoints" / ".step-000000006.pt.tmp"
     prefix = strace_kill_prefix(temp, "fsync", log)  # written in full, not yet renamed
     run_until_killed(prefix, "train", "--shards", data / "shards", "--output", run, *TINY,
-                     "--max-steps", "4", "--ckpt-every", "2", log=log)
+                     "--max-steps", "6", "--ckpt-every", "3", log=log,
+                     attach_when=lambda: (run / "metrics.jsonl").is_file()
+                     and bool(_records(run)))
     from train.checkpoint import list_checkpoints, load_checkpoint
 
-    assert temp.stat().st_size > 0  # killed inside step 4's checkpoint write
-    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-000000002.pt"]
-    assert load_checkpoint(run / "checkpoints" / "step-000000002.pt")["position"]["step"] == 2
-    assert [r["step"] for r in _records(run)][:3] == [1, 2, 3]
+    assert temp.stat().st_size > 0  # killed inside step 6's checkpoint write
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-000000003.pt"]
+    assert load_checkpoint(run / "checkpoints" / "step-000000003.pt")["position"]["step"] == 3
+    assert [r["step"] for r in _records(run)] == [1, 2, 3, 4, 5, 6]
 
     resumed = _ok(cli("train", "--output", run, "--resume", timeout=300))
-    assert f"resuming from {run / 'checkpoints' / 'step-000000002.pt'}" in resumed.stderr
-    assert [r["step"] for r in _records(run)] == [1, 2, 3, 4]
+    assert f"resuming from {run / 'checkpoints' / 'step-000000003.pt'}" in resumed.stderr
+    assert [r["step"] for r in _records(run)] == [1, 2, 3, 4, 5, 6]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
-        "step-000000002.pt", "step-000000004.pt"]  # the temp file was replaced
+        "step-000000003.pt", "step-000000006.pt"]  # the temp file was replaced
 
 
 @pytest.mark.slow
