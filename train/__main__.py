@@ -8,6 +8,7 @@ tensorboard/, model.pt + model.json (feature encoder), best.pt (best validation)
 examples:
   python -m train --shards shards/ --output runs/r50 --val val_bins/
   python -m train --output runs/r50 --resume
+  torchrun --nproc_per_node 8 -m train --shards shards/ --output runs/r50 --batch-size 48
 """
 
 from __future__ import annotations
@@ -36,14 +37,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
     config = resolve(args)
     text = to_toml(config)
-    print("effective config:\n" + text, end="", flush=True)
+    from train.distributed import launch_rank  # torch loads only after the flags are fine
 
-    from train.loop import Trainer  # torch and the model load only after the flags are fine
+    main_rank = launch_rank() == 0  # under torchrun rank 0 speaks and writes for the run
+    if main_rank:
+        print("effective config:\n" + text, end="", flush=True)
+
+    from train.loop import Trainer
 
     run_dir = Path(config["output"])
     try:
         trainer = Trainer(config, resume=args.resume, inject_nan=args.inject_nan_at_step)
-        write_atomic(run_dir / "config.toml", text.encode())
+        if main_rank:
+            write_atomic(run_dir / "config.toml", text.encode())
         return trainer.fit()
     except WriteError as error:
         raise WriteError(f"{error}; {resume_hint(run_dir)}", error.path) from None

@@ -5,6 +5,10 @@ the previous checkpoint, so a file is only ever visible under its final name onc
 write to a temp file in the same directory, fsync, rename, fsync the directory.
 Everything stored is tensors or plain Python values, so loading uses
 ``torch.load(weights_only=True)`` and never runs pickled code.
+
+A checkpoint does not depend on how many ranks wrote it: a model-parallel head's class rows
+are gathered into the whole matrix (:func:`gather_rows`) and rank 0 writes the one file; a
+run on another number of ranks takes its own rows back out (:func:`take_rows`).
 """
 
 from __future__ import annotations
@@ -18,8 +22,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from common.files import write_atomic
+from model.heads import Ranks
+from model.heads.collective import class_range
 
 log = logging.getLogger(__name__)
 
@@ -93,3 +100,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_rows(local: torch.Tensor, num_rows: int, ranks: Ranks) -> torch.Tensor | None:
+    """The whole [num_rows, ...] tensor, on the CPU of rank 0 (None elsewhere), from every
+    rank's class range of it; one range in flight at a time, so no device holds it all."""
+    parts = []
+    for rank in range(ranks.world_size):
+        start, stop = class_range(num_rows, rank, ranks.world_size)
+        part = (local.detach().contiguous() if rank == ranks.rank
+                else local.new_empty((stop - start, *local.shape[1:])))
+        dist.broadcast(part, src=rank, group=ranks.group)
+        if ranks.rank == 0:
+            parts.append(part.cpu())
+    return torch.cat(parts) if ranks.rank == 0 else None
+
+
+def take_rows(whole: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """This rank's class range of a whole [num_rows, ...] tensor from a checkpoint."""
+    start, stop = class_range(whole.shape[0], ranks.rank, ranks.world_size)
+    return whole[start:stop]

@@ -8,6 +8,7 @@ log steps, so the GPU never idles while Python waits.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -40,8 +41,17 @@ class TrainStep:
     def __init__(self, backbone: nn.Module, head: nn.Module, optimizer: torch.optim.SGD, *,
                  device: str, precision: str, channels_last: bool,
                  compile_backbone: bool = False, clip_grad_norm: float = 0.0,
-                 image_stats: ImageStats | None = None) -> None:
+                 image_stats: ImageStats | None = None, forward_module: nn.Module | None = None,
+                 sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 world_size: int = 1, sharded: tuple[nn.Parameter, ...] = ()) -> None:
+        """``forward_module``: what runs the backbone (its DistributedDataParallel wrapper
+        under torchrun); ``sum_over_ranks`` (several ranks): all-reduce, so that a non-finite
+        loss on any rank skips the step on all; ``sharded``: parameters split over the ranks
+        (a model-parallel head), whose share of the gradient norm is summed over them."""
         self.backbone = backbone
+        self.sum_over_ranks = sum_over_ranks
+        self.world_size = world_size
+        self.sharded = sharded
         self.clip_grad_norm = clip_grad_norm
         self.image_stats = image_stats
         self.head = head
@@ -49,7 +59,9 @@ class TrainStep:
         self.device_type = torch.device(device).type
         self.dtype = AUTOCAST_DTYPES[precision]
         self.channels_last = channels_last
-        self.forward_backbone = torch.compile(backbone) if compile_backbone else backbone
+        forward_module = backbone if forward_module is None else forward_module
+        self.forward_backbone = (torch.compile(forward_module) if compile_backbone
+                                 else forward_module)
         # fp16 needs loss scaling; bf16 has fp32's range and does not.
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=precision == "fp16")
         self.nonfinite_in_row = torch.zeros((), dtype=torch.int64, device=device)
@@ -76,7 +88,10 @@ class TrainStep:
         loss = out.loss.float()
         if poison:  # the --inject-nan-at-step test hook
             loss = loss * float("nan")
-        finite = torch.isfinite(loss)
+        reported = loss.detach()
+        if self.sum_over_ranks is not None:  # the global batch's mean loss, NaN if any is
+            reported = self.sum_over_ranks(reported) / self.world_size
+        finite = torch.isfinite(reported)
 
         if out.class_scores is not None and self.image_stats is not None:
             self.image_stats.add(batch.class_image_ids, *out.class_scores)
@@ -96,7 +111,7 @@ class TrainStep:
 
         self.nonfinite_in_row = torch.where(finite, 0, self.nonfinite_in_row + 1)
         self.nonfinite_total += (~finite).long()
-        self.loss_sum += torch.where(finite, loss.detach(), 0).double()
+        self.loss_sum += torch.where(finite, reported, 0).double()
         self.finite_steps += finite.long()
         return out.stats
 
@@ -110,7 +125,18 @@ class TrainStep:
             self.scaler.unscale_(self.optimizer)
         params = [p for group in self.optimizer.param_groups for p in group["params"]
                   if p.grad is not None]
-        torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm, foreach=True)
+        if not self.sharded or self.sum_over_ranks is None:
+            torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm, foreach=True)
+            return
+        # Each rank holds other rows of a split head: their squared norms add up over ranks.
+        split = {id(p) for p in self.sharded}
+        whole = [p.grad for p in params if id(p) not in split]
+        parts = [p.grad for p in params if id(p) in split]
+        norm = torch.nn.utils.get_total_norm
+        squared = norm(whole, foreach=True) ** 2 + self.sum_over_ranks(
+            norm(parts, foreach=True) ** 2)
+        torch.nn.utils.clip_grads_with_norm_(params, self.clip_grad_norm, squared.sqrt(),
+                                             foreach=True)
 
     def read_loss(self) -> float:
         """Mean finite loss since the last call (syncs: call at log steps only)."""

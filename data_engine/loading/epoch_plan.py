@@ -5,6 +5,10 @@ function of (seed, epoch) alone: the identity-image order is one global permutat
 image ids, and everything else about step ``s`` (class images, flip bits) comes from an RNG
 keyed by (seed, epoch, s). A resumed run therefore computes step ``s`` directly, without
 replaying steps ``0..s-1``, and gets exactly the batch an uninterrupted run would have seen.
+
+Several ranks (``world_size`` > 1) share one plan of global batches of ``world_size ×
+batch_size`` samples; rank r takes rows ``[r·B, (r+1)·B)`` of every global batch, so the
+ranks together see exactly what one process with the global batch would, in the same order.
 """
 
 from __future__ import annotations
@@ -53,9 +57,17 @@ class EpochPlan:
     """The sampling plan of one epoch; ``plan.step(s)`` is O(B·k) for any ``s``."""
 
     def __init__(self, identity_start: np.ndarray, batch_size: int, k: int, *, seed: int,
-                 epoch: int = 0, drop_last: bool = True) -> None:
+                 epoch: int = 0, drop_last: bool = True, rank: int = 0,
+                 world_size: int = 1) -> None:
         if batch_size <= 0 or k < 0:  # k=0: identity images only (fc/partialfc heads)
             raise ValueError(f"need batch_size > 0 and k >= 0, got {batch_size} and {k}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got {rank} and {world_size}")
+        if world_size > 1 and not drop_last:  # a short last batch would split unevenly
+            raise ValueError("several ranks need drop_last=True")
+        self.rank = rank
+        self.world_size = world_size
+        self.global_batch_size = batch_size * world_size
         self.identity_start = np.asarray(identity_start, dtype=np.int64)
         self.labels = labels_from_starts(self.identity_start)
         self.num_images = int(self.identity_start[-1])
@@ -63,7 +75,7 @@ class EpochPlan:
         self.k = k
         self.seed = seed
         self.epoch = epoch
-        full, rest = divmod(self.num_images, batch_size)
+        full, rest = divmod(self.num_images, self.global_batch_size)
         self.num_steps = full if drop_last or rest == 0 else full + 1
         # int32 halves the plan's memory on 42M-image datasets; ids fit while < 2**31.
         dtype = np.int32 if self.num_images < 2**31 else np.int64
@@ -74,10 +86,20 @@ class EpochPlan:
         return self.num_steps
 
     def step(self, step: int) -> StepPlan:
-        """The batch of ``step``, computed from (seed, epoch, step) alone."""
+        """This rank's part of the batch of ``step``, from (seed, epoch, step) alone."""
         if not 0 <= step < self.num_steps:
             raise IndexError(f"step {step} outside 0..{self.num_steps - 1}")
-        ids = self.order[step * self.batch_size:(step + 1) * self.batch_size].astype(np.int64)
+        whole = self._global_step(step)
+        if self.world_size == 1:
+            return whole
+        rows = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        return StepPlan(step, whole.image_ids[rows], whole.class_image_ids[rows],
+                        whole.labels[rows], whole.flips[rows])
+
+    def _global_step(self, step: int) -> StepPlan:
+        """The whole global batch: every rank draws it alike, then keeps its rows."""
+        size = self.global_batch_size
+        ids = self.order[step * size:(step + 1) * size].astype(np.int64)
         rng = np.random.Generator(np.random.PCG64([self.seed, self.epoch, _STEP_STREAM, step]))
         labels = self.labels[ids].astype(np.int64)
         start = self.identity_start[labels]

@@ -118,7 +118,8 @@ def resolve_backend(name: str, device: str) -> str:
 def build_loader(shards_dir: str | Path, batch_size: int, k: int, *, seed: int, epoch: int = 0,
                  start_step: int = 0, backend: str = "auto", device: str = "auto",
                  workers: int | None = None, drop_last: bool = True,
-                 skip_bad: bool = False, reuse: Loader | None = None) -> Loader:
+                 skip_bad: bool = False, reuse: Loader | None = None, rank: int = 0,
+                 world_size: int = 1) -> Loader:
     """Loader for one epoch of (identity image, k class images, label) batches.
 
     The batches are a function of (seed, epoch) only; ``start_step`` resumes mid-epoch with
@@ -129,10 +130,12 @@ def build_loader(shards_dir: str | Path, batch_size: int, k: int, *, seed: int, 
     (``Loader.skipped``) instead of raising :class:`DataError`. ``reuse``: the loader of an
     earlier epoch of the same run, whose decode workers this one takes over (forked and
     pinned once per run, not per epoch); one with other settings is closed instead.
+    ``rank``/``world_size``: this process's slice of every global batch of ``world_size ×
+    batch_size`` samples (``len()`` counts global steps).
     """
     reader = ShardReader(shards_dir)
     plan = EpochPlan(reader.identity_start, batch_size, k, seed=seed, epoch=epoch,
-                     drop_last=drop_last)
+                     drop_last=drop_last, rank=rank, world_size=world_size)
     if not 0 <= start_step <= len(plan):
         raise UserError(f"start step {start_step} outside 0..{len(plan)} for this epoch")
     size = reader.manifest.get("image_size", 112)

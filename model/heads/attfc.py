@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.heads.collective import Ranks, all_gather
 from model.heads.dcc_ce import masked_dcc_cross_entropy
 from model.heads.interface import HeadOutput
 from model.margins import CombinedMargin
@@ -122,16 +123,23 @@ class AttFCHead(nn.Module):
     its averaged weights. C runs in the head's mode: in training its BN layers use the
     statistics of the B·k class images, as MoCo's key encoder does (its own running-stat
     updates are then overwritten by the copy).
+
+    On several ranks (``ranks``) every push is the whole global batch: each rank's GCCs and
+    labels all-gathered in rank order, so every rank holds the same container, and each rank's
+    loss is that of its own samples over the whole container. ``batch_size`` is then the
+    global batch, which sizes the container as one process with that batch would.
     """
 
     needs_class_images = True
+    summed_stats = ("masked_conflicts",)  # counts: across ranks they add up (the rest average)
 
     def __init__(self, feature_encoder: nn.Module, num_classes: int, embedding_size: int,
                  batch_size: int, margin: CombinedMargin, sample_rate: float = 0.3, k: int = 2,
                  momentum: float = 0.999, strategy: str = "attention",
                  dcc_dtype: torch.dtype = torch.float32, chunk_size: int = 65536,
-                 update_order: str = "paper") -> None:
+                 update_order: str = "paper", ranks: Ranks | None = None) -> None:
         super().__init__()
+        self.ranks = ranks if ranks is not None and ranks.world_size > 1 else None
         check_strategy(strategy)
         if update_order not in UPDATE_ORDERS:
             raise ValueError(f"unknown update order {update_order!r}: expected one of "
@@ -182,17 +190,24 @@ class AttFCHead(nn.Module):
             # As the container stores it (its dtype), whichever order uses it.
             own = F.normalize(gcc, dim=1).to(self.dcc.centers.dtype)
             if paper_order:
-                self.dcc.push(own, labels)
+                self._push(own, labels)
             class_cos = F.cosine_similarity(f_unit[:, None, :], K, dim=-1)
         positive_cos = (f_unit * own.float()).sum(dim=1)
         loss, masked = masked_dcc_cross_entropy(
             f_unit, self.margin(positive_cos), self.dcc.centers, self.dcc.labels, labels,
             self.margin.scale, self.chunk_size, own_in_container=paper_order)
         if not paper_order:
-            self.dcc.push(own, labels)
+            self._push(own, labels)
         spread = (alpha.amax(dim=1) - alpha.amin(dim=1)).mean()
         return HeadOutput(loss, {"attention_spread": spread, "masked_conflicts": masked},
                           class_scores=(alpha, class_cos))
+
+    @torch.no_grad()
+    def _push(self, own: torch.Tensor, labels: torch.Tensor) -> None:
+        """This step's GCCs into the container: on several ranks, every rank's, in rank order."""
+        if self.ranks is not None:
+            own, labels = all_gather(own, self.ranks), all_gather(labels, self.ranks)
+        self.dcc.push(own, labels)
 
     @torch.no_grad()
     def after_optimizer_step(self, feature_encoder: nn.Module) -> None:

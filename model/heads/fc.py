@@ -1,4 +1,9 @@
-"""Full FC baseline: a learned class centre per identity, W ∈ R^{N×D}, margin softmax (Eq. 1-2)."""
+"""Full FC baseline: a learned class centre per identity, W ∈ R^{N×D}, margin softmax (Eq. 1-2).
+
+On several ranks W is split by class range (model parallel, :mod:`model.heads.collective`):
+each rank keeps its rows, scores every rank's features against them, and the softmax is
+assembled across ranks.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.heads.collective import (
+    Ranks,
+    all_gather,
+    class_range,
+    gather_features,
+    sharded_margin_cross_entropy,
+)
 from model.heads.interface import HeadOutput
 from model.heads.margin_ce import margin_cross_entropy
 from model.margins import CombinedMargin
@@ -16,16 +28,51 @@ class FCHead(nn.Module):
 
     needs_class_images = False
 
-    def __init__(self, num_classes: int, embedding_size: int, margin: CombinedMargin) -> None:
+    def __init__(self, num_classes: int, embedding_size: int, margin: CombinedMargin,
+                 ranks: Ranks | None = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.normal(0.0, 0.01, (num_classes, embedding_size)))
+        weight, self.ranks, self.weight_rows = split_classes(
+            torch.normal(0.0, 0.01, (num_classes, embedding_size)), ranks)
+        self.weight = nn.Parameter(weight)
+        self.num_classes = num_classes
         self.margin = margin
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor,
                 class_images: torch.Tensor | None = None) -> HeadOutput:
+        if self.ranks is not None:
+            return self._forward_sharded(features, labels)
         with torch.autocast(device_type=features.device.type, enabled=False):
             cos = F.linear(F.normalize(features.float(), dim=1), F.normalize(self.weight, dim=1))
             return HeadOutput(margin_cross_entropy(cos, labels, self.margin))
 
+    def _forward_sharded(self, features: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
+        """The global batch's loss over this rank's class rows; the same value on every rank."""
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            f_all = gather_features(F.normalize(features.float(), dim=1), self.ranks)
+            labels_all = all_gather(labels, self.ranks)
+            start, stop = self.weight_rows
+            cos = F.linear(f_all, F.normalize(self.weight, dim=1))
+            target = torch.where((labels_all >= start) & (labels_all < stop),
+                                 labels_all - start, -1)
+            return HeadOutput(sharded_margin_cross_entropy(cos, target, self.margin, self.ranks))
+
     def after_optimizer_step(self, feature_encoder: nn.Module) -> None:
         """Nothing to do: W is trained by the optimizer."""
+
+
+def split_classes(weight: torch.Tensor, ranks: Ranks | None
+                  ) -> tuple[torch.Tensor, Ranks | None, tuple[int, int] | None]:
+    """(this rank's rows of ``weight``, the ranks, the row range), or the whole matrix and
+    two Nones on one process.
+
+    Every rank draws the whole initial matrix from the same seed and keeps its rows, so the
+    split run starts from exactly the weights one process starts from (the full draw is
+    transient host memory, N·D floats).
+    """
+    if ranks is None or ranks.world_size == 1:
+        return weight, None, None
+    if weight.shape[0] < ranks.world_size:
+        raise ValueError(f"{weight.shape[0]} classes cannot be split over "
+                         f"{ranks.world_size} ranks")
+    start, stop = class_range(weight.shape[0], ranks.rank, ranks.world_size)
+    return weight[start:stop].clone(), ranks, (start, stop)

@@ -24,6 +24,11 @@ class Head(Protocol):
 
     ``needs_class_images`` is a class attribute, so the loader can be told before the head is
     built whether to decode k class images per sample.
+
+    Across several ranks: a model-parallel head (fc, partialfc) holds rows ``weight_rows``
+    (start, stop) of its ``weight`` [num_classes, D] (None: all of them), which ``train``
+    gathers into the whole matrix for checkpoints; stats named in ``summed_stats`` are added
+    over the ranks when logged, the others averaged.
     """
 
     needs_class_images: ClassVar[bool]

@@ -4,6 +4,11 @@ uniformly sampled negatives, r·N rows in total (An et al. 2022).
 W is one ``nn.Parameter``; the sampled rows are gathered with ``index_select`` so only they get
 a non-zero gradient. The gradient tensor is still dense [N, D], and SGD's weight decay and
 momentum still touch every row (as in insightface's Partial FC with a dense parameter).
+
+On several ranks W is split by class range as in :mod:`model.heads.fc`. Every rank draws the
+same sample (the same RNG, the all-gathered labels as positives) and uses the sampled rows
+of its own range: per-shard sampling that keeps every positive and is, row for row, the
+sample one process with the global batch draws.
 """
 
 from __future__ import annotations
@@ -12,6 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.heads.collective import (
+    Ranks,
+    all_gather,
+    gather_features,
+    sharded_margin_cross_entropy,
+)
+from model.heads.fc import split_classes
 from model.heads.interface import HeadOutput
 from model.heads.margin_ce import margin_cross_entropy
 from model.margins import CombinedMargin
@@ -23,11 +35,14 @@ class PartialFCHead(nn.Module):
     needs_class_images = False
 
     def __init__(self, num_classes: int, embedding_size: int, margin: CombinedMargin,
-                 sample_rate: float = 0.3) -> None:
+                 sample_rate: float = 0.3, ranks: Ranks | None = None) -> None:
         super().__init__()
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-        self.weight = nn.Parameter(torch.normal(0.0, 0.01, (num_classes, embedding_size)))
+        weight, self.ranks, self.weight_rows = split_classes(
+            torch.normal(0.0, 0.01, (num_classes, embedding_size)), ranks)
+        self.weight = nn.Parameter(weight)
+        self.num_classes = num_classes
         self.margin = margin
         self.num_sample = max(1, int(sample_rate * num_classes))
 
@@ -38,7 +53,7 @@ class PartialFCHead(nn.Module):
         Positives get score 2 and negatives U(0, 1), so top-M keeps every positive and fills
         the rest uniformly at random (global torch RNG, saved by train's checkpoints).
         """
-        num_classes = self.weight.shape[0]
+        num_classes = self.num_classes
         if self.num_sample >= num_classes:
             return torch.arange(num_classes, device=labels.device), labels
         positives = torch.unique(labels)
@@ -50,11 +65,28 @@ class PartialFCHead(nn.Module):
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor,
                 class_images: torch.Tensor | None = None) -> HeadOutput:
+        if self.ranks is not None:
+            return self._forward_sharded(features, labels)
         index, local = self.sample(labels)
         with torch.autocast(device_type=features.device.type, enabled=False):
             weight = F.normalize(self.weight.index_select(0, index), dim=1)
             cos = F.linear(F.normalize(features.float(), dim=1), weight)
             return HeadOutput(margin_cross_entropy(cos, local, self.margin))
+
+    def _forward_sharded(self, features: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
+        """The global batch's loss over the sampled rows in this rank's class range."""
+        labels_all = all_gather(labels, self.ranks)
+        index, _ = self.sample(labels_all)
+        start, stop = self.weight_rows
+        with torch.no_grad():
+            mine = index[(index >= start) & (index < stop)] - start
+            here = (labels_all >= start) & (labels_all < stop)
+            target = torch.where(here, torch.searchsorted(mine, labels_all - start), -1)
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            f_all = gather_features(F.normalize(features.float(), dim=1), self.ranks)
+            weight = F.normalize(self.weight.index_select(0, mine), dim=1)
+            cos = F.linear(f_all, weight)
+            return HeadOutput(sharded_margin_cross_entropy(cos, target, self.margin, self.ranks))
 
     def after_optimizer_step(self, feature_encoder: nn.Module) -> None:
         """Nothing to do: W is trained by the optimizer."""
