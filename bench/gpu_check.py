@@ -264,19 +264,32 @@ def compare_weights(a: Path, b: Path) -> dict[str, Any]:
 
 
 def train_variant(ctx: Context, timeout: float, name: str, extra: list[str]) -> dict[str, Any]:
-    """Straight run, then SIGTERM mid-epoch 2 + --resume to the end; compare the weights."""
+    """Straight run, then SIGTERM mid-epoch 2 + --resume to the end; compare the weights.
+
+    A failure keeps what was measured before it (a straight run's samples/s, say)."""
+    result: dict[str, Any] = {"flags": extra}
+    try:
+        _train_variant(ctx, timeout, name, extra, result)
+    except CheckError as error:
+        result.update(ok=False, error=f"CheckError: {error}")
+    return result
+
+
+def _train_variant(ctx: Context, timeout: float, name: str, extra: list[str],
+                   result: dict[str, Any]) -> None:
     end = time.monotonic() + timeout
     num_images = json.loads((ctx.shards / "manifest.json").read_text())["num_images"]
     per_epoch = num_images // ctx.sizes.train_batch
     if per_epoch < 4:
         raise CheckError(f"{num_images} images make {per_epoch} steps per epoch; need 4")
     straight, stopped = ctx.work / f"{name}_straight", ctx.work / f"{name}_resumed"
-    result: dict[str, Any] = {"steps_per_epoch": per_epoch, "total_steps": 3 * per_epoch,
-                              "flags": extra}
+    result.update(steps_per_epoch=per_epoch, total_steps=3 * per_epoch)
     started = time.monotonic()
     run(ctx, _train_cmd(ctx, straight, extra), end - time.monotonic())
     result["straight_seconds"] = round(time.monotonic() - started, 1)
     records = _records(straight)
+    if not records:
+        raise CheckError(f"{straight / 'metrics.jsonl'}: no training records")
     rates = [r["samples_per_s"] for r in records[2:]] or [r["samples_per_s"] for r in records]
     result["samples_per_s"] = round(statistics.median(rates), 1)
     result["images_per_s"] = round(statistics.median(
@@ -301,7 +314,6 @@ def train_variant(ctx: Context, timeout: float, name: str, extra: list[str]) -> 
     result.update(compare_weights(straight / "model.pt", stopped / "model.pt"))
     result["ok"] = (result["stopped_in_epoch"] == 2 and result["stopped_mid_epoch"]
                     and result["resumed_completed"] and result["weights_match"])
-    return result
 
 
 def check_train(ctx: Context, timeout: float) -> dict[str, Any]:
