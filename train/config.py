@@ -216,9 +216,11 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
 
 # What makes a run the run it is (model shapes, the schedule, the sample order): a resumed
 # run keeps them. Paths, devices, workers and bookkeeping may change between sessions.
+# batch_size is per GPU: what must stay is the global batch (per GPU x ranks), which the
+# checkpoint records and train/loop.py checks, so a run resumes on another number of GPUs.
 FIXED_ON_RESUME = ("network", "network_args", "embedding_size", "head", "sample_rate", "k",
                    "gamma", "strategy", "update_order", "margin", "margin_s", "margin_m",
-                   "epochs", "batch_size", "lr", "min_lr", "warmup_epochs", "momentum",
+                   "epochs", "lr", "min_lr", "warmup_epochs", "momentum",
                    "weight_decay", "clip_grad_norm", "seed")
 
 
