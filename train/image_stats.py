@@ -18,8 +18,7 @@ import numpy as np
 import torch
 
 from common.files import write_atomic
-
-IMAGE_STATS = "image_stats.npz"
+from evaluate.noise import IMAGE_STATS
 
 
 class ImageStats:
