@@ -171,15 +171,18 @@ def last_json(text: str) -> dict[str, Any]:
 # --- sub-checks ---------------------------------------------------------------------------
 
 def check_shards(ctx: Context, timeout: float) -> dict[str, Any]:
-    s = ctx.sizes
     started = time.monotonic()
-    run(ctx, [sys.executable, "-m", "data_engine.shard", "--src", "synthetic",
-              "--identities", str(s.identities), "--images-per-identity",
-              str(s.images_per_identity), "--seed", "0", "--out", str(ctx.shards),
-              "--workers", str(os.cpu_count() or 1)], timeout)
+    run(ctx, _shards_cmd(ctx), timeout)
     manifest = json.loads((ctx.shards / "manifest.json").read_text())
     return {"ok": True, "identities": manifest["num_identities"],
             "images": manifest["num_images"], "seconds": round(time.monotonic() - started, 1)}
+
+
+def _shards_cmd(ctx: Context) -> list[str]:
+    s = ctx.sizes
+    return [sys.executable, "-m", "data_engine.shard", "--src", "synthetic", "--identities",
+            str(s.identities), "--images-per-identity", str(s.images_per_identity), "--seed",
+            "0", "--out", str(ctx.shards), "--workers", str(os.cpu_count() or 1)]
 
 
 def _train_cmd(ctx: Context, run_dir: Path, extra: list[str]) -> list[str]:
@@ -190,6 +193,10 @@ def _train_cmd(ctx: Context, run_dir: Path, extra: list[str]) -> list[str]:
             "--val", "none", "--log-every", str(s.log_every), "--ckpt-every", "1000000",
             "--no-tensorboard", "--deterministic", "--seed", "0",
             "--workers", str(s.workers), *extra]
+
+
+def _resume_cmd(run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "train", "--output", str(run_dir), "--resume"]
 
 
 def _records(run_dir: Path) -> list[dict[str, Any]]:
@@ -305,8 +312,7 @@ def _train_variant(ctx: Context, timeout: float, name: str, extra: list[str],
                   stopped_mid_epoch=step % per_epoch != 0,
                   interrupted_seconds=round(time.monotonic() - started, 1))
     started = time.monotonic()
-    run(ctx, [sys.executable, "-m", "train", "--output", str(stopped), "--resume"],
-        end - time.monotonic())
+    run(ctx, _resume_cmd(stopped), end - time.monotonic())
     result["resumed_seconds"] = round(time.monotonic() - started, 1)
     final = _records(stopped)
     result["resumed_final_step"] = final[-1]["step"] if final else None
@@ -316,8 +322,42 @@ def _train_variant(ctx: Context, timeout: float, name: str, extra: list[str],
                     and result["resumed_completed"] and result["weights_match"])
 
 
+# The flags of each train variant, and what each bench sub-check runs: (index into
+# Sizes.step_classes, heads on CUDA, heads on the CPU or None: CUDA only, extra flags).
+TRAIN_VARIANTS = {"train": ["--backend", "auto"], "train_dali": ["--backend", "dali"],
+                  "train_compile": ["--backend", "auto", "--compile"]}
+_ALL_HEADS = ["fc", "partialfc", "attfc", "official"]
+STEP_RUNS = {
+    "train_step_1m": (0, ["fc", "attfc", "official"], ["attfc", "official"], ["--profile"]),
+    "train_step_1m_compiled": (0, ["fc", "attfc"], None,
+                               ["--compile", "--compile-class-encoder", "default", "--profile"]),
+    "train_step_93k": (2, ["fc", "attfc", "official"], None, []),
+}
+HEAD_RUNS = {"heads_1m": (0, _ALL_HEADS, ["attfc", "official"]), "heads_2m": (1, _ALL_HEADS, None)}
+
+
+def planned_commands(ctx: Context) -> list[list[str]]:
+    """Every command the sub-checks run on ``ctx.device`` (the test suite parses the CUDA
+    ones with their own parsers, so a GPU session is not lost to a typo)."""
+    cuda = ctx.device == "cuda"
+    commands = [_shards_cmd(ctx)]
+    for name, extra in TRAIN_VARIANTS.items():
+        if cuda or name == "train":
+            commands += [_train_cmd(ctx, ctx.work / name, extra), _resume_cmd(ctx.work / name)]
+    for index, gpu_heads, cpu_heads, extra in STEP_RUNS.values():
+        if cuda or cpu_heads:
+            commands.append(_train_step_cmd(ctx, ctx.sizes.step_classes[index],
+                                            gpu_heads if cuda else cpu_heads, extra))
+    for index, gpu_heads, cpu_heads in HEAD_RUNS.values():
+        if cuda or cpu_heads:
+            commands.append(_heads_cmd(ctx, ctx.sizes.step_classes[index],
+                                       gpu_heads if cuda else cpu_heads))
+    commands += [_loader_cmd(ctx, "dali")] if cuda else []
+    return [*commands, _loader_cmd(ctx, "torch")]
+
+
 def check_train(ctx: Context, timeout: float) -> dict[str, Any]:
-    result = train_variant(ctx, timeout, "auto", ["--backend", "auto"])
+    result = train_variant(ctx, timeout, "auto", TRAIN_VARIANTS["train"])
     result["backend_used"] = _backend_used(ctx, "auto")
     return result
 
@@ -326,12 +366,13 @@ def check_train_dali(ctx: Context, timeout: float) -> dict[str, Any]:
     _need_cuda(ctx, "the dali backend exists for GPU decode (its CPU pipeline is tested in "
                "tests/test_loader.py); the train check covers this code path")
     _need_dali(ctx)
-    return {**train_variant(ctx, timeout, "dali", ["--backend", "dali"]), "backend_used": "dali"}
+    return {**train_variant(ctx, timeout, "dali", TRAIN_VARIANTS["train_dali"]),
+            "backend_used": "dali"}
 
 
 def check_train_compile(ctx: Context, timeout: float) -> dict[str, Any]:
     _need_cuda(ctx, "torch.compile of R18 takes minutes on a small CPU")
-    result = train_variant(ctx, timeout, "compile", ["--backend", "auto", "--compile"])
+    result = train_variant(ctx, timeout, "compile", TRAIN_VARIANTS["train_compile"])
     return {**result, "backend_used": _backend_used(ctx, "auto")}
 
 
@@ -351,59 +392,68 @@ def _need_dali(ctx: Context) -> None:
         raise Skip(f"nvidia.dali does not import: {ctx.dali.get('error')}")
 
 
-def _train_step(ctx: Context, timeout: float, n: int, heads: list[str],
-                extra: list[str]) -> dict[str, Any]:
+def _train_step_cmd(ctx: Context, n: int, heads: list[str], extra: list[str]) -> list[str]:
     s = ctx.sizes
-    out = run(ctx, [sys.executable, str(REPO / "bench" / "train_step.py"), *s.step_network,
-                    "--batch-size", str(s.step_batch), "--k", "2", "--num-classes", str(n),
-                    "--heads", *heads, *s.step_steps, "--device", ctx.device, *extra],
-              timeout)
+    return [sys.executable, str(REPO / "bench" / "train_step.py"), *s.step_network,
+            "--batch-size", str(s.step_batch), "--k", "2", "--num-classes", str(n),
+            "--heads", *heads, *s.step_steps, "--device", ctx.device, *extra]
+
+
+def _train_step(ctx: Context, timeout: float, name: str) -> dict[str, Any]:
+    index, gpu_heads, cpu_heads, extra = STEP_RUNS[name]
+    heads = gpu_heads if ctx.device == "cuda" else cpu_heads
+    out = run(ctx, _train_step_cmd(ctx, ctx.sizes.step_classes[index], heads, extra), timeout)
     report = last_json(out.stdout)
     errors = [r for r in report["results"] if "error" in r]
     return {"ok": not errors, **report}
 
 
 def check_train_step_1m(ctx: Context, timeout: float) -> dict[str, Any]:
-    heads = ["fc", "attfc", "official"] if ctx.device == "cuda" else ["attfc", "official"]
-    return _train_step(ctx, timeout, ctx.sizes.step_classes[0], heads, ["--profile"])
+    return _train_step(ctx, timeout, "train_step_1m")
 
 
 def check_train_step_1m_compiled(ctx: Context, timeout: float) -> dict[str, Any]:
     _need_cuda(ctx, "torch.compile of the encoders takes minutes on a small CPU")
-    return _train_step(ctx, timeout, ctx.sizes.step_classes[0], ["fc", "attfc"],
-                       ["--compile", "--compile-class-encoder", "default", "--profile"])
+    return _train_step(ctx, timeout, "train_step_1m_compiled")
 
 
 def check_train_step_93k(ctx: Context, timeout: float) -> dict[str, Any]:
     _need_cuda(ctx, "N=93k is the GPU table's second row; the CPU run covers the code once")
-    return _train_step(ctx, timeout, ctx.sizes.step_classes[2], ["fc", "attfc", "official"], [])
+    return _train_step(ctx, timeout, "train_step_93k")
 
 
-def _heads(ctx: Context, timeout: float, n: int, heads: list[str]) -> dict[str, Any]:
-    out = run(ctx, [sys.executable, str(REPO / "bench" / "heads.py"), "--device", ctx.device,
-                    "--n", str(n), "--heads", *heads, *ctx.sizes.head_args], timeout)
+def _heads_cmd(ctx: Context, n: int, heads: list[str]) -> list[str]:
+    return [sys.executable, str(REPO / "bench" / "heads.py"), "--device", ctx.device,
+            "--n", str(n), "--heads", *heads, *ctx.sizes.head_args]
+
+
+def _heads(ctx: Context, timeout: float, name: str) -> dict[str, Any]:
+    index, gpu_heads, cpu_heads = HEAD_RUNS[name]
+    heads = gpu_heads if ctx.device == "cuda" else cpu_heads
+    out = run(ctx, _heads_cmd(ctx, ctx.sizes.step_classes[index], heads), timeout)
     report = last_json(out.stdout)
     return {"ok": all(r["step_s"] is not None for r in report["results"]), **report}
 
 
 def check_heads_1m(ctx: Context, timeout: float) -> dict[str, Any]:
-    heads = (["fc", "partialfc", "attfc", "official"] if ctx.device == "cuda"
-             else ["attfc", "official"])
-    return _heads(ctx, timeout, ctx.sizes.step_classes[0], heads)
+    return _heads(ctx, timeout, "heads_1m")
 
 
 def check_heads_2m(ctx: Context, timeout: float) -> dict[str, Any]:
     _need_cuda(ctx, "N=2M is the GPU table's third row; the CPU run covers the code once")
-    return _heads(ctx, timeout, ctx.sizes.step_classes[1], ["fc", "partialfc", "attfc",
-                                                            "official"])
+    return _heads(ctx, timeout, "heads_2m")
+
+
+def _loader_cmd(ctx: Context, backend: str) -> list[str]:
+    s = ctx.sizes
+    return [sys.executable, str(REPO / "bench" / "loader.py"), "--shards", str(ctx.shards),
+            "--backend", backend, "--device", ctx.device, "--k", "2", "--batch-size",
+            str(s.loader_batch), "--steps", str(s.loader_steps), "--repeats", "1",
+            "--workers", str(max(2, s.workers))]
 
 
 def _loader(ctx: Context, timeout: float, backend: str) -> dict[str, Any]:
-    s = ctx.sizes
-    out = run(ctx, [sys.executable, str(REPO / "bench" / "loader.py"), "--shards",
-                    str(ctx.shards), "--backend", backend, "--device", ctx.device, "--k", "2",
-                    "--batch-size", str(s.loader_batch), "--steps", str(s.loader_steps),
-                    "--repeats", "1", "--workers", str(max(2, s.workers))], timeout)
+    out = run(ctx, _loader_cmd(ctx, backend), timeout)
     report = last_json(out.stdout)
     report["ours_host_cpu_s_per_image"] = report["ours_cpu_us_per_image"] / 1e6
     return {"ok": report["backend"] == backend, **report}

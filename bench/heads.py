@@ -161,7 +161,7 @@ def _run_one(args, head: str, n: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="bench/heads.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=positive_int, nargs="+", default=[93431, 1_000_000, 2_000_000],
                         help="numbers of identities (MS1MV3, WebFace21M, WebFace42M sizes)")
@@ -178,6 +178,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="attfc: DCC entries per logit chunk")
     parser.add_argument("--head", choices=HEADS, help="(internal) run one head in this process")
     parser.add_argument("--worker", action="store_true", help="(internal)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not 0 < args.sample_rate <= 1:
         parser.error(f"--sample-rate {args.sample_rate}: must be in (0, 1]")

@@ -3,10 +3,12 @@ so it cannot rot between the rare sessions that have a GPU."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +76,43 @@ def test_unknown_check_is_a_one_line_error() -> None:
     proc = _run("--checks", "shards,nope", timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "nope" in proc.stderr, proc.stderr
+
+
+def _bench(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it loads
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_planned_gpu_command_parses(tmp_path) -> None:
+    """The commands the CUDA run would start, parsed by their own parsers here: a flag typo
+    in a path the CPU mode skips would otherwise cost a GPU session."""
+    from data_engine.shard import build_parser as shard_parser
+    from train.__main__ import build_parser as train_parser
+    from train.config import resolve
+
+    gpu_check = _bench("gpu_check")
+    ctx = gpu_check.Context("cuda", gpu_check.Sizes.for_device("cuda"), tmp_path, 0.0, {})
+    ctx.shards.mkdir()
+    parsers = {name: _bench(name).build_parser for name in ("train_step", "heads", "loader")}
+    seen = set()
+    for cmd in gpu_check.planned_commands(ctx):
+        if cmd[1] == "-m" and cmd[2] == "train":
+            args = train_parser().parse_args(cmd[3:])
+            if not args.resume:
+                config = resolve(args)
+                assert config["device"] == "cuda" and config["precision"] == "bf16"
+                assert config["deterministic"] and config["epochs"] == 3
+            seen.add("train")
+        elif cmd[1] == "-m":
+            assert cmd[2] == "data_engine.shard"
+            shard_parser().parse_args(cmd[3:])
+            seen.add("shard")
+        else:
+            name = Path(cmd[1]).stem
+            args = parsers[name]().parse_args(cmd[2:])
+            assert args.device == "cuda"
+            seen.add(name)
+    assert seen == {"train", "shard", "train_step", "heads", "loader"}
