@@ -13,7 +13,7 @@ from model.margins import build_margin
 from tests.conftest import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
-from official_attfc import OfficialAttFCHead  # noqa: E402
+from official_attfc import OfficialAttFCHead
 
 
 def _arcface(cos: float, s: float, m: float) -> float:
