@@ -30,6 +30,9 @@ from model.heads import Ranks
 log = logging.getLogger("train")
 
 _LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# How gloo and NCCL word a peer that vanished or stalled, where they raise a RuntimeError.
+_COLLECTIVE_WORDS = ("gloo", "Gloo", "NCCL", "Connection", "connection", "timed out",
+                     "Timed out", "Timeout")
 
 
 @dataclass
@@ -121,8 +124,11 @@ def init_world(device: str, timeout_s: float) -> tuple[World, str]:
 
 def collective_failure(error: BaseException, world: World, timeout_s: float) -> UserError | None:
     """The one-line error for a collective that failed because another rank died or hung."""
-    if world.world_size == 1 or not isinstance(error, RuntimeError | dist.DistError):
+    if world.world_size == 1 or not isinstance(error, RuntimeError):
         return None
+    if not isinstance(error, dist.DistError) and not any(
+            word in str(error) for word in _COLLECTIVE_WORDS):
+        return None  # another failure (a decode worker, a bug): reported as it is
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return UserError(f"rank {world.rank}: a collective with the other ranks failed ({first}); "
                      f"another rank died or was stuck for over --dist-timeout {timeout_s:g} s: "
