@@ -19,7 +19,8 @@ import torch
 
 from tests.conftest import run_module
 
-pytestmark = pytest.mark.slow
+# the tests export small models with torch's TorchScript exporter, as train.export does
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 TINY_NET = {"blocks": [1, 1, 1, 1], "scale": 1}
 TINY = ["--network", "mbf", "--network-args", json.dumps(TINY_NET), "--embedding-size", "64",
