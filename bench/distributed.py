@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -51,6 +50,8 @@ def _train(command: list[str], threads: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from machine import describe  # bench/ is on sys.path when this runs as a script
+
     parser = ArgumentParser(prog="bench/distributed.py", description=__doc__)
     parser.add_argument("--ranks", type=positive_int, default=2)
     parser.add_argument("--head", default="attfc", choices=("attfc", "fc", "partialfc"))
@@ -96,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                       "global_batch": args.batch_size, "ranks": args.ranks,
                       "sync_bn": args.sync_bn, "threads": args.threads,
                       "one_process_step_s": one, "ranks_step_s": ranks,
-                      "ranks_vs_one": ranks / one, "machine": platform.processor()
-                      or platform.machine()}))
+                      "ranks_vs_one": ranks / one, "machine": describe()}))
     return 0
 
 

@@ -26,7 +26,6 @@ The last line printed is one JSON object {"results": [{head, n, step_s, peak_mem
 from __future__ import annotations
 
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -137,14 +136,9 @@ def _machine(device: str) -> str:
 
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(0)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info
-                       if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
+    from machine import cpu_model  # bench/ is on sys.path when this runs as a script
+
+    return f"{cpu_model()}, {torch.get_num_threads()} threads"
 
 
 def _run_one(args, head: str, n: int) -> dict:

@@ -23,7 +23,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -177,19 +176,9 @@ def whole_process(root: Path, images, features, faceness, protocol) -> dict:
             "whole_reference_cpu_s": round(reference_cpu, 2)}
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
-
-
 def main() -> None:
+    from machine import describe  # bench/ is on sys.path when this runs as a script
+
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of IJB-C size")
@@ -213,7 +202,7 @@ def main() -> None:
         figures.update(in_process(images, features, faceness, protocol))
     if args.whole_process is not None:
         figures.update(whole_process(args.whole_process, images, features, faceness, protocol))
-    print(json.dumps({**figures, "machine": machine(),
+    print(json.dumps({**figures, "machine": describe(),
                       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}))
 
 

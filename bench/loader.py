@@ -19,7 +19,6 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -252,19 +251,9 @@ def time_decode(args, image_ids: np.ndarray) -> Rate:
             pool.terminate()
 
 
-def machine() -> str:
-    model = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    from machine import describe  # bench/ is on sys.path when this runs as a script
+
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     if not (args.shards / "manifest.json").exists():
@@ -314,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cpu_ratio_vs_decode": round(cpu_vs_decode, 3) if ours.cpu_us_per_image else None,
         "backend": backend, "device": args.device, "k": args.k, "batch_size": args.batch_size,
         "steps": args.steps, "workers": args.workers, "repeats": args.repeats,
-        "machine": machine(),
+        "machine": describe(),
     }))
     return 0
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import shutil
 import subprocess
@@ -343,18 +344,11 @@ def plot(tables: dict[str, Any], path: Path) -> None:
 
 def _machine() -> dict[str, Any]:
     import torch
+    from machine import cpu_model  # bench/ is on sys.path when this runs as a script
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True, check=False).stdout.strip()
-    return {"cpu": cpu, "cores": len(__import__("os").sched_getaffinity(0)),
+    return {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)),
             "torch": torch.__version__, "python": platform.python_version(),
             "commit": commit or None,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

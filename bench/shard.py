@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -36,17 +35,6 @@ import simplejpeg
 
 REPO = Path(__file__).resolve().parents[1]
 _DISTINCT_IMAGES = 512
-
-
-def _cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def make_tree(root: Path, files: int, per_identity: int) -> int:
@@ -113,6 +101,8 @@ def time_ours(root: Path, work: Path, workers: int, shard_size: str) -> Timing:
 
 
 def main() -> None:
+    from machine import cpu_model  # bench/ is on sys.path when this runs as a script
+
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=50_000, help="JPEGs in the tree (>= 20k)")
@@ -156,7 +146,7 @@ def main() -> None:
         "tar_cpu_us_per_file": round(tar_cpu / args.files * 1e6, 1),
         "load_average_1min": round(os.getloadavg()[0], 2),
         "workers": args.workers, "verify": "header", "page_cache": "warm",
-        "repeats": args.repeats, "cpu": _cpu_model(), "cores": os.cpu_count(),
+        "repeats": args.repeats, "cpu": cpu_model(), "cores": os.cpu_count(),
     }
     print(f"tree: {args.files} files, {result['megabytes']} MB (warm page cache); "
           f"median of {args.repeats}, each side timed until its output is on disk")

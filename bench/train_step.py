@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import platform
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,8 @@ def _sync(device: str) -> None:
 
 def measure(args: SimpleNamespace, head_name: str, num_classes: int) -> dict:
     """One configuration, in the calling process: warm up, then time ``args.steps`` steps."""
+    from machine import cpu_model  # bench/ is on sys.path when this runs as a script
+
     from model.backbones import get_model
     from model.heads import build_head
     from model.margins import build_margin
@@ -103,8 +104,7 @@ def measure(args: SimpleNamespace, head_name: str, num_classes: int) -> dict:
             "host_syncs_per_step": syncs, "profile": parts,
             "samples_per_s": B * args.steps / elapsed, "step_s": elapsed / args.steps,
             "peak_mem_bytes": peak_memory_bytes(device), "loss": loss,
-            "device": torch.cuda.get_device_name(device) if cuda else platform.processor()
-            or platform.machine()}
+            "device": torch.cuda.get_device_name(device) if cuda else cpu_model()}
 
 
 def _host_syncs_per_step(step, batches: list, device: str, steps: int = 2) -> float:
