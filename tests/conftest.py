@@ -24,3 +24,13 @@ def run_module(module: str, *args: str, timeout: float = 600, env: dict | None =
 @pytest.fixture
 def run_cli():
     return run_module
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    """Exit 2 with one error line (log lines such as "12:00:00 INFO ..." may precede it)
+    that contains every needle, and no traceback."""
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = [line for line in result.stderr.strip().splitlines() if " INFO " not in line]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]

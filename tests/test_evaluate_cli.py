@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, assert_one_line_error
 
 CONTRACT_KEYS = {"tar_at_far", "top1", "top5", "top10", "tpir_at_fpir"}
 FAR_KEYS = ["1e-06", "1e-05", "0.0001", "0.001", "0.01", "0.1"]
@@ -39,15 +39,6 @@ def random_model(tmp_path_factory):
     torch.save(get_model("r18", embedding_size=64).state_dict(), run / "model.pt")
     (run / "model.json").write_text(json.dumps({"network": "r18", "embedding_size": 64}))
     return run / "model.pt"
-
-
-def _one_line_error(result, *needles):
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    # progress/log lines ("12:00:00 INFO ...") may precede the error; the error is one line
-    lines = [line for line in result.stderr.strip().splitlines() if " INFO " not in line]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_ijbc_end_to_end_with_model_then_features(run_cli, synth_ijb, random_model, tmp_path):
@@ -95,7 +86,7 @@ def test_bin_with_other_content_is_refused(run_cli, random_model, tmp_path):
     path = tmp_path / "evil.bin"
     path.write_bytes(pickle.dumps(([b"a", b"b"], [OrderedDict(x=1)])))
     result = run_cli("evaluate", "cfp_fp", "--bin", path, "--model", random_model)
-    _one_line_error(result, "evil.bin", "refusing to load collections.OrderedDict")
+    assert_one_line_error(result, "evil.bin", "refusing to load collections.OrderedDict")
 
 
 @pytest.fixture
@@ -116,13 +107,13 @@ def test_missing_meta_file_is_named(run_cli, ijb_copy):
     features = _features(ijb_copy)
     (ijb_copy / "meta" / "ijbc_1N_probe_mixed.csv").unlink()
     result = run_cli("evaluate", "ijbc", "--root", ijb_copy, "--features", features)
-    _one_line_error(result, "ijbc_1N_probe_mixed.csv: missing")
+    assert_one_line_error(result, "ijbc_1N_probe_mixed.csv: missing")
 
 
 def test_features_with_wrong_row_count(run_cli, ijb_copy):
     features = _features(ijb_copy, rows=3)
     result = run_cli("evaluate", "ijbc", "--root", ijb_copy, "--features", features)
-    _one_line_error(result, "f.npy: 3 feature rows", "ijbc_face_tid_mid.txt lists")
+    assert_one_line_error(result, "f.npy: 3 feature rows", "ijbc_face_tid_mid.txt lists")
 
 
 def test_template_in_pairs_without_images(run_cli, ijb_copy):
@@ -130,7 +121,7 @@ def test_template_in_pairs_without_images(run_cli, ijb_copy):
     with open(ijb_copy / "meta" / "ijbc_template_pair_label.txt", "a") as f:
         f.write("1 999 0\n")
     result = run_cli("evaluate", "ijbc", "--root", ijb_copy, "--features", features)
-    _one_line_error(result, "ijbc_template_pair_label.txt", "template 999")
+    assert_one_line_error(result, "ijbc_template_pair_label.txt", "template 999")
 
 
 def test_landmarks_outside_the_image(run_cli, ijb_copy, random_model):
@@ -142,7 +133,7 @@ def test_landmarks_outside_the_image(run_cli, ijb_copy, random_model):
     path.write_text("\n".join(lines) + "\n")
     result = run_cli("evaluate", "ijbc", "--root", ijb_copy, "--model", random_model,
                      "--device", "cpu", "--no-cache")
-    _one_line_error(result, "2.jpg", "ijbc_name_5pts_score.txt:2", "outside")
+    assert_one_line_error(result, "2.jpg", "ijbc_name_5pts_score.txt:2", "outside")
 
 
 def test_features_path_starts_without_torch(ijb_copy):

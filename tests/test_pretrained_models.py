@@ -17,7 +17,7 @@ import onnx
 import pytest
 import torch
 
-from tests.conftest import run_module
+from tests.conftest import assert_one_line_error, run_module
 
 # the tests export small models with torch's TorchScript exporter, as train.export does
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -31,14 +31,6 @@ TINY = ["--network", "mbf", "--network-args", json.dumps(TINY_NET), "--embedding
 def _ok(result):
     assert result.returncode == 0, result.stderr[-3000:]
     return result
-
-
-def _one_line_error(result, *needles):
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    lines = [line for line in result.stderr.strip().splitlines() if " INFO " not in line]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +196,7 @@ def test_arcface_torch_state_dict_loads_with_network(tmp_path):
     with torch.inference_mode():
         for name in ("backbone.pth", "ddp_prefixed.pth"):
             torch.testing.assert_close(load_backbone(tmp_path / name, "mbf")(x), expected(x))
-    _one_line_error(run_module("evaluate", "lfw", "--bin", tmp_path / "s.bin", "--model",
+    assert_one_line_error(run_module("evaluate", "lfw", "--bin", tmp_path / "s.bin", "--model",
                                tmp_path / "backbone.pth", "--network", "r18"),
                     "backbone.pth: weights do not fit network r18", "missing key '",
                     "unexpected key '", "pass the right --network")
@@ -213,21 +205,21 @@ def test_arcface_torch_state_dict_loads_with_network(tmp_path):
 def test_wrong_or_mismatched_files_are_one_line_errors(run, ijb, tmp_path):
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"\x08\x07not a protobuf" * 20)
-    _one_line_error(run_module("evaluate", "ijbc", "--root", ijb, "--model", garbage),
+    assert_one_line_error(run_module("evaluate", "ijbc", "--root", ijb, "--model", garbage),
                     "garbage.onnx: not an ONNX model")
     small = tmp_path / "small.onnx"  # a 96x96 attribute-style model, not a recognition one
     torch.onnx.export(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten()),
                       (torch.zeros(1, 3, 96, 96),), str(small), dynamo=False)
-    _one_line_error(run_module("evaluate", "ijbc", "--root", ijb, "--model", small,
+    assert_one_line_error(run_module("evaluate", "ijbc", "--root", ijb, "--model", small,
                                "--no-cache"), "small.onnx: input", "[1, 3, 96, 96]",
                     "expected [N, 3, 112, 112]")
-    _one_line_error(run_module("evaluate", "ijbc", "--root", ijb, "--model", small,
+    assert_one_line_error(run_module("evaluate", "ijbc", "--root", ijb, "--model", small,
                                "--network", "r50"), "--network r50: an ONNX model carries")
     text = tmp_path / "model.pt"
     text.write_text("not weights")
-    _one_line_error(run_module("evaluate", "ijbc", "--root", ijb, "--model", text),
+    assert_one_line_error(run_module("evaluate", "ijbc", "--root", ijb, "--model", text),
                     "model.pt: not a loadable PyTorch weights file")
-    _one_line_error(run_module("evaluate", "ijbc", "--root", ijb, "--model", run / "model.pt",
+    assert_one_line_error(run_module("evaluate", "ijbc", "--root", ijb, "--model", run / "model.pt",
                                "--network", "r18"),
                     "model.pt: weights do not fit network r18", "missing key 'conv1.weight'",
                     "unexpected key")
@@ -289,10 +281,10 @@ def test_init_starts_from_a_runs_model_and_resume_keeps_the_checkpoint(run, shar
 
     wrong = tmp_path / "wrong"
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "bad.pth")
-    _one_line_error(run_module("train", "--shards", shards, "--output", wrong, *TINY, "--init",
-                               tmp_path / "bad.pth", timeout=300),
-                    "bad.pth: weights do not fit network mbf", "missing key",
-                    "unexpected key 'conv1.weight'")
+    assert_one_line_error(run_module("train", "--shards", shards, "--output", wrong, *TINY,
+                                     "--init", tmp_path / "bad.pth", timeout=300),
+                          "bad.pth: weights do not fit network mbf", "missing key",
+                          "unexpected key 'conv1.weight'")
 
 
 def test_onnx_provider_choice():
