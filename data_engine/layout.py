@@ -27,9 +27,10 @@ REJECTED = "rejected.tsv"
 PARTS_DIR = "parts"
 RUN = "run.json"
 SHARD_GLOB = "shard-*.tar"
-# index.npz arrays. "image_size" is each image's length in bytes (the name is fixed by
-# format version 1); readers call it image_bytes.
-INDEX_ARRAYS = ("identity_start", "image_shard", "image_offset", "image_size")
+# index.npz arrays. The key of each image's length in bytes is "image_size", fixed by format
+# version 1 (the manifest's "image_size" is the side in pixels); the code calls it image_bytes.
+INDEX_IMAGE_BYTES = "image_size"
+INDEX_ARRAYS = ("identity_start", "image_shard", "image_offset", INDEX_IMAGE_BYTES)
 
 
 def shard_name(index: int) -> str:

@@ -47,7 +47,7 @@ from common.errors import UserError
 from common.files import WriteError, environment_error, write_error
 from common.progress import Progress
 from data_engine import layout
-from data_engine.writing import manifest
+from data_engine.writing import output_folder
 from data_engine.writing.images import IMAGE_SIZE, ON_MISMATCH, VERIFY_LEVELS
 from data_engine.writing.plan import ShardPlan, plan_shards
 from data_engine.writing.shardwriter import (
@@ -286,21 +286,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     source = build_source(args)
     options = _options(args)
     run = {"source": source.describe(), "options": options,
-           "fingerprint": manifest.fingerprint(source.describe(), options)}
+           "fingerprint": output_folder.fingerprint(source.describe(), options)}
     out = args.out
-    lock = manifest.open_out_dir(out, run, args.overwrite)
+    lock = output_folder.open_out_dir(out, run, args.overwrite)
     started = time.monotonic()
     try:
         scan = _scan(source, args.workers)
         plans = plan_shards(scan.identities, args.shard_size, run["fingerprint"])
-        manifest.remove_stale_shards(out, {plan.name for plan in plans})
+        output_folder.remove_stale_shards(out, {plan.name for plan in plans})
         shards = _write(source, scan, plans, out, args)
-        result = manifest.write_outputs(out, run, scan, shards)
+        result = output_folder.write_outputs(out, run, scan, shards)
     except WriteError as error:
         raise WriteError(f"{error}; free space, then rerun the same command (finished "
                          "shards are kept)", error.path) from None
     finally:
-        manifest.remove_temp_files(out)
+        output_folder.remove_temp_files(out)
         os.close(lock)
     log.info("%s complete in %.1fs: %d identities, %d images in %d shards; %d converted, "
              "%d rejected (rejected.tsv), %d identities dropped (manifest.json)", out,

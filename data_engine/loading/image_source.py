@@ -87,13 +87,13 @@ class ImageSource:
         reader = self.reader
         out = []
         replaced = 0
-        for image_id, shard, offset, size in zip(image_ids.tolist(),
-                                                 reader.image_shard[image_ids].tolist(),
-                                                 reader.image_offset[image_ids].tolist(),
-                                                 reader.image_bytes[image_ids].tolist()):
+        for image_id, shard, offset, length in zip(image_ids.tolist(),
+                                                   reader.image_shard[image_ids].tolist(),
+                                                   reader.image_offset[image_ids].tolist(),
+                                                   reader.image_bytes[image_ids].tolist()):
             try:
-                data = os.pread(reader.fd(shard), size, offset)
-                why = self.problem(data, size)
+                data = os.pread(reader.fd(shard), length, offset)
+                why = self.problem(data, length)
             except (OSError, UserError) as error:  # UserError: the shard cannot be opened
                 why = f"unreadable ({error})"
             if why is not None:

@@ -15,7 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import UserError
-from data_engine.layout import IDENTITIES, INDEX, INDEX_ARRAYS, read_manifest
+from data_engine.layout import (
+    IDENTITIES,
+    INDEX,
+    INDEX_ARRAYS,
+    INDEX_IMAGE_BYTES,
+    read_manifest,
+)
 
 
 class ShardReader:
@@ -34,7 +40,7 @@ class ShardReader:
         self.identity_start: np.ndarray = arrays["identity_start"]
         self.image_shard: np.ndarray = arrays["image_shard"]
         self.image_offset: np.ndarray = arrays["image_offset"]
-        self.image_bytes: np.ndarray = arrays["image_size"]  # JPEG length of each image
+        self.image_bytes: np.ndarray = arrays[INDEX_IMAGE_BYTES]  # JPEG length of each
         self._names = names
         self.num_identities = int(self.manifest.get("num_identities", -1))
         self.num_images = int(self.manifest.get("num_images", -1))
@@ -103,10 +109,10 @@ class ShardReader:
 
     def read_image(self, image_id: int) -> bytes:
         """JPEG bytes of global image `image_id` (one pread)."""
-        size = int(self.image_bytes[image_id])
-        data = os.pread(self.fd(int(self.image_shard[image_id])), size,
+        length = int(self.image_bytes[image_id])
+        data = os.pread(self.fd(int(self.image_shard[image_id])), length,
                         int(self.image_offset[image_id]))
-        if len(data) != size:
+        if len(data) != length:
             raise UserError(f"{self.shard_paths[int(self.image_shard[image_id])]}: shard is "
                             f"shorter than its index (image {image_id})")
         return data

@@ -52,7 +52,7 @@ class ShardSummary:
     identities: list[str]
     image_counts: np.ndarray  # int64 per identity
     offsets: np.ndarray  # int64 per image: data offset inside the tar
-    sizes: np.ndarray  # int64 per image
+    image_bytes: np.ndarray  # int64 per image: the JPEG's length
     rejected: list[tuple[str, str]]
     dropped: list[tuple[str, str]]
 
@@ -178,11 +178,11 @@ def relabel_shard(out: Path, name: str, label_base: int) -> ShardSummary:
     try:
         with open(final, "rb") as handle:
             fd = handle.fileno()
-            for i, (identity, names, offsets, sizes, *info) in enumerate(meta["samples"]):
-                images = [os.pread(fd, size, offset) for offset, size in zip(offsets, sizes)]
+            for i, (identity, names, offsets, lengths, *info) in enumerate(meta["samples"]):
+                images = [os.pread(fd, length, offset) for offset, length in zip(offsets, lengths)]
                 new_offsets = write_sample(writer, label_base + i, identity, names, images,
                                            *info)
-                new["samples"].append([identity, names, new_offsets, sizes, *info])
+                new["samples"].append([identity, names, new_offsets, lengths, *info])
         new["bytes"], new["sha256"] = writer.close()
         return commit_shard(out, new)
     except BaseException:

@@ -1,4 +1,4 @@
-"""The shards dir around the tars: what dataset it holds, and the files readers use.
+"""The output folder around the tars: what dataset it holds, and the files readers use.
 
 `parts/run.json` records the dataset (source + options) from the first moment, so a rerun
 can tell "resume the same job" from "you pointed --out at something else". manifest.json is
@@ -25,6 +25,7 @@ from data_engine.layout import (
     FORMAT_VERSION,
     IDENTITIES,
     INDEX,
+    INDEX_IMAGE_BYTES,
     MANIFEST,
     PARTS_DIR,
     REJECTED,
@@ -178,7 +179,8 @@ def write_outputs(out: Path, run: dict[str, Any], scan: Scan,
         "image_shard": np.repeat(np.arange(len(shards), dtype=np.int32),
                                  [len(s.offsets) for s in shards]),
         "image_offset": np.concatenate([np.zeros(0, np.int64), *(s.offsets for s in shards)]),
-        "image_size": np.concatenate([np.zeros(0, np.int64), *(s.sizes for s in shards)]),
+        INDEX_IMAGE_BYTES: np.concatenate([np.zeros(0, np.int64),
+                                           *(s.image_bytes for s in shards)]),
     })
     rejected = [*scan.rejected, *(row for shard in shards for row in shard.rejected)]
     dropped = [*({"name": name, "reason": "no files"} for name in scan.empty),
