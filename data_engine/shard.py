@@ -60,6 +60,7 @@ from data_engine.writing.shardwriter import (
     write_shard,
 )
 from data_engine.writing.sources import SOURCES, Identity, Scan, Source, build_source
+from synthetic.casting import BENCHMARK_FIRST
 
 log = logging.getLogger("data_engine.shard")
 _SCAN_PROGRESS_MIN_TASKS = 16
@@ -127,6 +128,16 @@ def build_parser() -> ArgumentParser:
     synthetic.add_argument("--mislabeled-share", type=_share, default=0.0, metavar="P",
                            help="share of photos filed under the wrong person (planted label "
                                 "noise; each image's truth goes into the shard's json)")
+    synthetic.add_argument("--duplicate-share", type=_share, default=0.0, metavar="P",
+                           help="share of identity names that show another name's person "
+                                "(planted duplicate identities, truth in the json)")
+    synthetic.add_argument("--plant-benchmark", type=int, default=0, metavar="N",
+                           help="add N identity names showing the held-out people that "
+                                "python -m evaluate synth-ijb/synth-bin render with the same "
+                                "--seed (planted test-set overlap, truth in the json)")
+    synthetic.add_argument("--benchmark-first-identity", type=int, default=BENCHMARK_FIRST,
+                           metavar="I", help="first held-out person of that benchmark "
+                                             "(its --first-identity)")
     return parser
 
 

@@ -20,8 +20,12 @@ def build_source(args: Namespace) -> Source:
     if args.src == "synthetic":
         if args.root is not None:
             raise UserError("--root is not used with --src synthetic")
-        return SyntheticSource(args.identities, args.images_per_identity, args.seed,
-                               args.mislabeled_share)
+        try:
+            return SyntheticSource(args.identities, args.images_per_identity, args.seed,
+                                   args.mislabeled_share, args.duplicate_share,
+                                   args.plant_benchmark, args.benchmark_first_identity)
+        except ValueError as error:
+            raise UserError(f"--src synthetic: {error}") from None
     if args.root is None:
         raise UserError(f"--root is required with --src {args.src}")
     if args.src in WEBFACE_PARTS:
