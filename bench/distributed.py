@@ -10,8 +10,8 @@ is the cost of running distributed on the same hardware. On the CPU (gloo) that 
 collectives (the all-reduced gradients, all-gathered features or GCCs, --sync-bn's sums) and
 G interpreters sharing the cores.
 
-    python bench/distributed.py --head attfc --batch-size 32 --steps 12
-    python bench/distributed.py --device cuda --ranks 1 --network r50 --batch-size 128
+    python -m bench.distributed --head attfc --batch-size 32 --steps 12
+    python -m bench.distributed --device cuda --ranks 1 --network r50 --batch-size 128
 
 ``--ranks 1 --device cuda``: torchrun with one process (NCCL, world size 1, DDP wrapper)
 against the plain non-distributed run. The last line printed is JSON.
@@ -27,10 +27,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.machine import describe
+from common.cli import ArgumentParser, positive_int, run_cli
 
-from common.cli import ArgumentParser, positive_int, run_cli  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _step_seconds(run: Path, warmup: int) -> float:
@@ -50,9 +50,7 @@ def _train(command: list[str], threads: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from machine import describe  # bench/ is on sys.path when this runs as a script
-
-    parser = ArgumentParser(prog="bench/distributed.py", description=__doc__)
+    parser = ArgumentParser(prog="python -m bench.distributed", description=__doc__)
     parser.add_argument("--ranks", type=positive_int, default=2)
     parser.add_argument("--head", default="attfc", choices=("attfc", "fc", "partialfc"))
     parser.add_argument("--network", default="mbf")
@@ -102,4 +100,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_cli("bench/distributed.py", main)
+    run_cli("bench.distributed", main)

@@ -3,7 +3,7 @@
 On a GPU machine (from the repository root; DALI from the six carried parts, see
 BENCHMARKS.md "GPU check"):
 
-    bash .dali/p6/install && PYTHONPATH=$PWD/.dali/site python bench/gpu_check.py
+    bash .dali/p6/install && PYTHONPATH=$PWD/.dali/site python -m bench.gpu_check
 
 In order of importance, each in its own time box (a sub-check that fails or runs out of time
 is recorded with its exact error text, and the next one starts):
@@ -46,10 +46,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from common.cli import ArgumentParser, run_cli
 
-from common.cli import ArgumentParser, run_cli  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 # Pixel agreement of two JPEG decoders on the same files, in levels of 0..255. nvJPEG and
 # libjpeg-turbo round their IDCT and chroma upsampling differently: a few levels at edges.
@@ -394,7 +393,7 @@ def _need_dali(ctx: Context) -> None:
 
 def _train_step_cmd(ctx: Context, n: int, heads: list[str], extra: list[str]) -> list[str]:
     s = ctx.sizes
-    return [sys.executable, str(REPO / "bench" / "train_step.py"), *s.step_network,
+    return [sys.executable, "-m", "bench.train_step", *s.step_network,
             "--batch-size", str(s.step_batch), "--k", "2", "--num-classes", str(n),
             "--heads", *heads, *s.step_steps, "--device", ctx.device, *extra]
 
@@ -423,7 +422,7 @@ def check_train_step_93k(ctx: Context, timeout: float) -> dict[str, Any]:
 
 
 def _heads_cmd(ctx: Context, n: int, heads: list[str]) -> list[str]:
-    return [sys.executable, str(REPO / "bench" / "heads.py"), "--device", ctx.device,
+    return [sys.executable, "-m", "bench.heads", "--device", ctx.device,
             "--n", str(n), "--heads", *heads, *ctx.sizes.head_args]
 
 
@@ -446,7 +445,7 @@ def check_heads_2m(ctx: Context, timeout: float) -> dict[str, Any]:
 
 def _loader_cmd(ctx: Context, backend: str) -> list[str]:
     s = ctx.sizes
-    return [sys.executable, str(REPO / "bench" / "loader.py"), "--shards", str(ctx.shards),
+    return [sys.executable, "-m", "bench.loader", "--shards", str(ctx.shards),
             "--backend", backend, "--device", ctx.device, "--k", "2", "--batch-size",
             str(s.loader_batch), "--steps", str(s.loader_steps), "--repeats", "1",
             "--workers", str(max(2, s.workers))]
@@ -471,7 +470,7 @@ def check_loader_torch(ctx: Context, timeout: float) -> dict[str, Any]:
 
 def check_pixels(ctx: Context, timeout: float) -> dict[str, Any]:
     _need_dali(ctx)
-    out = run(ctx, [sys.executable, __file__, "--compare-pixels", str(ctx.shards),
+    out = run(ctx, [sys.executable, "-m", "bench.gpu_check", "--compare-pixels", str(ctx.shards),
                     "--device", ctx.device, "--batch-size", str(ctx.sizes.loader_batch)],
               timeout)
     return last_json(out.stdout)
@@ -554,7 +553,7 @@ def environment(device: str) -> dict[str, Any]:
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="bench/gpu_check.py", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", help="auto|cuda|cpu (cpu: toy sizes)")
     parser.add_argument("--checks", default=",".join(NAMES),
                         help=f"comma-separated sub-checks to run, of: {', '.join(NAMES)}")
@@ -647,4 +646,4 @@ def _write(summary: dict[str, Any], path: Path | None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli("bench/gpu_check.py", main)
+    run_cli("bench.gpu_check", main)

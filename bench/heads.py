@@ -18,7 +18,7 @@ Each (head, N) runs in its own subprocess so peak memory is not polluted by the 
   before the head was built; large tensors are mmap'd by malloc and returned on free, so RSS
   tracks live tensor memory.
 
-Usage: .venv/bin/python bench/heads.py [--n 93431 1000000 2000000] [--batch-size 384]
+Usage: .venv/bin/python -m bench.heads [--n 93431 1000000 2000000] [--batch-size 384]
 The last line printed is one JSON object {"results": [{head, n, step_s, peak_mem_bytes}, ...],
 "ratios": [...vs fc], "attfc_vs_official": [...]}.
 """
@@ -32,6 +32,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from bench.machine import cpu_model
 from common.cli import ArgumentParser, positive_int, run_cli
 
 HEADS = ("fc", "partialfc", "attfc", "official")
@@ -52,7 +53,7 @@ def _make_head(name: str, num_classes: int, args, **attfc_options):
 
     margin = build_margin("arcface")
     if name == "official":
-        from official_attfc import OfficialAttFCHead
+        from bench.official_attfc import OfficialAttFCHead
 
         return OfficialAttFCHead(nn.Flatten(), num_classes, args.dim, args.batch_size, margin,
                                  sample_rate=args.sample_rate, k=args.k)
@@ -136,13 +137,11 @@ def _machine(device: str) -> str:
 
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(0)
-    from machine import cpu_model  # bench/ is on sys.path when this runs as a script
-
     return f"{cpu_model()}, {torch.get_num_threads()} threads"
 
 
 def _run_one(args, head: str, n: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", "--head", head, "--n", str(n),
+    cmd = [sys.executable, "-m", "bench.heads", "--worker", "--head", head, "--n", str(n),
            "--batch-size", str(args.batch_size), "--dim", str(args.dim), "--k", str(args.k),
            "--sample-rate", str(args.sample_rate), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--device", args.device,
@@ -156,7 +155,7 @@ def _run_one(args, head: str, n: int) -> dict:
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="bench/heads.py", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m bench.heads", description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=positive_int, nargs="+", default=[93431, 1_000_000, 2_000_000],
                         help="numbers of identities (MS1MV3, WebFace21M, WebFace42M sizes)")
     parser.add_argument("--heads", nargs="+", choices=HEADS, default=list(HEADS))
@@ -222,4 +221,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_cli("bench/heads.py", main)
+    run_cli("bench.heads", main)

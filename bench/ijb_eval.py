@@ -12,7 +12,7 @@ Meta parsing is outside both timings. With ``--whole-process DIR`` it also write
 protocol to DIR as IJB-C files (meta/ijbc_*.txt and .csv, features F.npy, faceness S.npy;
 kept for the next run) and times both as a user meets them, each one whole process from
 interpreter start to the JSON file: ``python -m evaluate ijbc --root DIR --features F.npy
---faceness S.npy --out ours.json`` against ``python bench/ijb_reference.py`` with the same
+--faceness S.npy --out ours.json`` against ``python -m bench.ijb_reference`` with the same
 arguments (pandas / np.loadtxt reading as eval_ijbc.py and ijb_1n.py do, then the loops).
 The last line printed is one JSON object.
 """
@@ -30,11 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import ijb_reference
-
+from bench import ijb_reference
+from bench.machine import describe
 from evaluate import ijb
 from evaluate.ijb_meta import ImageMeta, SearchSet
 
@@ -157,8 +154,7 @@ def whole_process(root: Path, images, features, faceness, protocol) -> dict:
     ours_s, ours_cpu = time_process([*env_python, "-m", "evaluate", "ijbc", *data,
                                      "--out", str(ours_json)])
     print(f"ours (whole process):      {ours_s:8.2f} s (cpu {ours_cpu:.1f} s)", flush=True)
-    reference_s, reference_cpu = time_process([*env_python, str(repo / "bench" /
-                                                                "ijb_reference.py"),
+    reference_s, reference_cpu = time_process([*env_python, "-m", "bench.ijb_reference",
                                                *data, "--out", str(reference_json)])
     print(f"reference (whole process): {reference_s:8.2f} s (cpu {reference_cpu:.1f} s)",
           flush=True)
@@ -177,8 +173,6 @@ def whole_process(root: Path, images, features, faceness, protocol) -> dict:
 
 
 def main() -> None:
-    from machine import describe  # bench/ is on sys.path when this runs as a script
-
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of IJB-C size")

@@ -9,8 +9,8 @@ Three rates on the same images (those of the first ``--steps`` steps of epoch 0)
 The last line printed is one JSON object with the numbers and ratios.
 
 examples:
-  .venv/bin/python bench/loader.py --shards /tmp/bench_shards --make-shards 800 --backend torch
-  .venv/bin/python bench/loader.py --shards /data/ms1mv3 --k 2 --batch-size 384 --backend dali
+  .venv/bin/python -m bench.loader --shards /tmp/bench_shards --make-shards 800 --backend torch
+  .venv/bin/python -m bench.loader --shards /data/ms1mv3 --k 2 --batch-size 384 --backend dali
 """
 
 from __future__ import annotations
@@ -29,15 +29,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from bench.machine import describe
 from common.cli import ArgumentParser, positive_int, run_cli, setup_logging
 from common.errors import UserError
 from common.progress import Progress
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="bench/loader.py", description=__doc__)
+    parser = ArgumentParser(prog="python -m bench.loader", description=__doc__)
     parser.add_argument("--shards", required=True, type=Path, help="shards dir")
     parser.add_argument("--make-shards", type=positive_int, metavar="N",
                         help="if --shards is missing: render N synthetic identities (real "
@@ -252,8 +251,6 @@ def time_decode(args, image_ids: np.ndarray) -> Rate:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from machine import describe  # bench/ is on sys.path when this runs as a script
-
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     if not (args.shards / "manifest.json").exists():
@@ -309,4 +306,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_cli("bench/loader.py", main)
+    run_cli("bench.loader", main)

@@ -16,8 +16,8 @@ FAR 1e-3 and 1e-4 on the synthetic IJB-C set. Results go to OUT/tables.md, OUT/t
 and OUT/replicate.png. Rerunning the same command skips finished runs, resumes an
 interrupted one from its checkpoint and reuses the shards and benchmarks.
 
-    python bench/replicate.py --out runs/replicate            # the full sweep (CPU)
-    python bench/replicate.py --out /tmp/rep --size tiny      # seconds: the test suite's
+    python -m bench.replicate --out runs/replicate            # the full sweep (CPU)
+    python -m bench.replicate --out /tmp/rep --size tiny      # seconds: the test suite's
 
 The last line printed is one JSON object (the tables' numbers and the machine).
 """
@@ -37,8 +37,7 @@ from pathlib import Path
 from statistics import mean, median, pstdev
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from bench.machine import cpu_model
 from common.cli import ArgumentParser, run_cli, setup_logging
 from common.files import write_atomic
 
@@ -344,7 +343,6 @@ def plot(tables: dict[str, Any], path: Path) -> None:
 
 def _machine() -> dict[str, Any]:
     import torch
-    from machine import cpu_model  # bench/ is on sys.path when this runs as a script
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True, check=False).stdout.strip()
@@ -355,7 +353,7 @@ def _machine() -> dict[str, Any]:
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python bench/replicate.py", description=__doc__,
+    parser = ArgumentParser(prog="python -m bench.replicate", description=__doc__,
                             formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/replicate"),
                         help="sweep folder: shards, held-out sets, runs/, tables (resumed)")
@@ -405,7 +403,7 @@ def write_tables(out: Path, results: dict[str, dict[str, Any]], size: Size,
         results.setdefault(result["name"], result)
     text, tables = build_tables(results, size.seeds)
     machine = _machine()
-    header = (f"python bench/replicate.py --out {out} --size {args.size} --device "
+    header = (f"python -m bench.replicate --out {out} --size {args.size} --device "
               f"{args.device}\n\n{machine['date']}, commit {machine['commit']}, "
               f"{machine['cpu']} ({machine['cores']} cores), torch {machine['torch']}; "
               f"{size.identities} identities x {size.images_per_identity} photos "

@@ -12,8 +12,8 @@ as dirty pages for later, which no longer holds at dataset scale (300 GB does no
 the page cache). The no-sync tar time is reported too. Every timed run starts after a
 `sync`, so neither side pays for the other's writeback.
 
-  .venv/bin/python bench/shard.py                 # 50k files
-  .venv/bin/python bench/shard.py --files 20000 --workers 2
+  .venv/bin/python -m bench.shard                 # 50k files
+  .venv/bin/python -m bench.shard --files 20000 --workers 2
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import simplejpeg
+
+from bench.machine import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 _DISTINCT_IMAGES = 512
@@ -101,8 +103,6 @@ def time_ours(root: Path, work: Path, workers: int, shard_size: str) -> Timing:
 
 
 def main() -> None:
-    from machine import cpu_model  # bench/ is on sys.path when this runs as a script
-
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=50_000, help="JPEGs in the tree (>= 20k)")

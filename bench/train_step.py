@@ -7,9 +7,9 @@ memory is clean: CUDA ``max_memory_allocated`` on a GPU; peak RSS of the process
 and torch baseline included) on the CPU.
 
 GPU (the project target, >= 4000 samples/s for attfc at N = 1M on an H100):
-    python bench/train_step.py --network r50 --batch-size 384 --num-classes 93000 1000000
+    python -m bench.train_step --network r50 --batch-size 384 --num-classes 93000 1000000
 CPU smoke version:
-    python bench/train_step.py --network mbf --batch-size 32 --steps 5 --device cpu
+    python -m bench.train_step --network mbf --batch-size 32 --steps 5 --device cpu
 
 "official" is the official AttFC code's formulation of the head (bench/official_attfc.py), so
 ``attfc_vs_official`` compares ours with the paper's own implementation in the same run.
@@ -24,13 +24,11 @@ import json
 import multiprocessing
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from bench.machine import cpu_model
 from common.cli import ArgumentParser, positive_int, run_cli, setup_logging
 from common.device import resolve_device
 
@@ -42,8 +40,6 @@ def _sync(device: str) -> None:
 
 def measure(args: SimpleNamespace, head_name: str, num_classes: int) -> dict:
     """One configuration, in the calling process: warm up, then time ``args.steps`` steps."""
-    from machine import cpu_model  # bench/ is on sys.path when this runs as a script
-
     from model.backbones import get_model
     from model.heads import build_head
     from model.margins import build_margin
@@ -62,7 +58,7 @@ def measure(args: SimpleNamespace, head_name: str, num_classes: int) -> dict:
     if cuda:
         backbone = backbone.to(memory_format=torch.channels_last)
     if head_name == "official":
-        from official_attfc import OfficialAttFCHead
+        from bench.official_attfc import OfficialAttFCHead
 
         head = OfficialAttFCHead(backbone, num_classes, args.embedding_size, args.batch_size,
                                  build_margin("arcface"), k=args.k).to(device)
@@ -173,7 +169,7 @@ def _child(args: SimpleNamespace, head: str, n: int, queue: multiprocessing.Queu
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="bench/train_step.py", description=__doc__)
+    parser = ArgumentParser(prog="python -m bench.train_step", description=__doc__)
     parser.add_argument("--network", default="r50", help="feature encoder")
     parser.add_argument("--network-args", default="",
                         help="extra get_model keyword arguments as JSON (as python -m train)")
@@ -219,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in result.items()), flush=True)
     summary: dict = {"results": results, "threads": torch.get_num_threads(),
-                     "command": " ".join(["bench/train_step.py", *(argv or sys.argv[1:])])}
+                     "command": " ".join(["python -m bench.train_step", *(argv or sys.argv[1:])])}
     by_key = {(r["head"], r["n"]): r for r in results if "error" not in r}
     for baseline in ("fc", "official"):
         summary[f"attfc_vs_{baseline}"] = {
@@ -231,4 +227,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_cli("bench/train_step.py", main)
+    run_cli("bench.train_step", main)

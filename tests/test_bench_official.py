@@ -4,16 +4,12 @@ a hand-computed case so the baseline computes what it claims to."""
 from __future__ import annotations
 
 import math
-import sys
 
 import torch
 from torch import nn
 
+from bench.official_attfc import OfficialAttFCHead
 from model.margins import build_margin
-from tests.conftest import REPO
-
-sys.path.insert(0, str(REPO / "bench"))
-from official_attfc import OfficialAttFCHead
 
 
 def _arcface(cos: float, s: float, m: float) -> float:

@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import numpy as np
 import pytest
 
+from bench import ijb_eval as bench
+from bench import ijb_reference as reference
 from common.errors import UserError
 from evaluate import ijb
 from evaluate.pairs import pair_scores
 from evaluate.roc import roc_curve, tar_at_far
 from evaluate.search import Gallery, closed_set_metrics, mates, open_set_metrics
 from evaluate.templates import pool_templates
-from tests.conftest import REPO
-
-
-def _bench_module(name: str):
-    sys.path.insert(0, str(REPO / "bench"))
-    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-reference = _bench_module("ijb_reference")
-bench = _bench_module("ijb_eval")
 
 
 def _unit(x):

@@ -3,32 +3,31 @@ so it cannot rot between the rare sessions that have a GPU."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from bench import gpu_check, heads, loader, train_step
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
-SCRIPT = str(REPO / "bench" / "gpu_check.py")
 GPU_ONLY = ("loader_dali", "train_dali", "train_step_1m_compiled", "train_compile",
             "heads_2m", "train_step_93k")
 
 
 def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, SCRIPT, "--device", "cpu", *args],
+    return subprocess.run([sys.executable, "-m", "bench.gpu_check", "--device", "cpu", *args],
                           capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
 def test_cpu_mode_runs_every_check_and_writes_the_summary(tmp_path) -> None:
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, SCRIPT, "--device", "cpu"], capture_output=True,
-                          text=True, timeout=600, cwd=REPO, env={**os.environ, "OUT": str(out)})
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={**os.environ, "OUT": str(out)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert json.loads((out / "gpu_check.json").read_text()) == summary
@@ -78,14 +77,6 @@ def test_unknown_check_is_a_one_line_error() -> None:
     assert proc.stderr.strip().count("\n") == 0 and "nope" in proc.stderr, proc.stderr
 
 
-def _bench(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it loads
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_every_planned_gpu_command_parses(tmp_path) -> None:
     """The commands the CUDA run would start, parsed by their own parsers here: a flag typo
     in a path the CPU mode skips would otherwise cost a GPU session."""
@@ -93,10 +84,10 @@ def test_every_planned_gpu_command_parses(tmp_path) -> None:
     from train.__main__ import build_parser as train_parser
     from train.config import resolve
 
-    gpu_check = _bench("gpu_check")
     ctx = gpu_check.Context("cuda", gpu_check.Sizes.for_device("cuda"), tmp_path, 0.0, {})
     ctx.shards.mkdir()
-    parsers = {name: _bench(name).build_parser for name in ("train_step", "heads", "loader")}
+    parsers = {"bench.train_step": train_step.build_parser, "bench.heads": heads.build_parser,
+               "bench.loader": loader.build_parser}
     seen = set()
     for cmd in gpu_check.planned_commands(ctx):
         if cmd[1] == "-m" and cmd[2] == "train":
@@ -106,13 +97,11 @@ def test_every_planned_gpu_command_parses(tmp_path) -> None:
                 assert config["device"] == "cuda" and config["precision"] == "bf16"
                 assert config["deterministic"] and config["epochs"] == 3
             seen.add("train")
-        elif cmd[1] == "-m":
-            assert cmd[2] == "data_engine.shard"
+        elif cmd[2] == "data_engine.shard":
             shard_parser().parse_args(cmd[3:])
             seen.add("shard")
         else:
-            name = Path(cmd[1]).stem
-            args = parsers[name]().parse_args(cmd[2:])
+            args = parsers[cmd[2]]().parse_args(cmd[3:])
             assert args.device == "cuda"
-            seen.add(name)
-    assert seen == {"train", "shard", "train_step", "heads", "loader"}
+            seen.add(cmd[2])
+    assert seen == {"train", "shard", "bench.train_step", "bench.heads", "bench.loader"}

@@ -11,7 +11,7 @@ from tests.conftest import REPO
 
 def test_bench_heads_smoke() -> None:
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "heads.py"), "--n", "3000", "--batch-size", "16",
+        [sys.executable, "-m", "bench.heads", "--n", "3000", "--batch-size", "16",
          "--dim", "32", "--steps", "1", "--warmup", "0", "--device", "cpu"],
         capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr

@@ -24,7 +24,7 @@ TINY = ("--identities", "16", "--images-per-identity", "4", "--seed", "0",
 
 
 def _replicate(out):
-    return subprocess.run([sys.executable, str(REPO / "bench" / "replicate.py"), "--out",
+    return subprocess.run([sys.executable, "-m", "bench.replicate", "--out",
                            str(out), "--size", "tiny"], capture_output=True, text=True,
                           timeout=900, cwd=REPO)
 
