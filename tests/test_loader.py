@@ -168,6 +168,47 @@ def test_dali_cpu_and_torch_agree(shards: Path) -> None:
     assert torch.equal(tail["identity"], dali["identity"][5 * 16:])
 
 
+def test_dali_ignores_exif_orientation_like_the_cpu_decode(tmp_path: Path) -> None:
+    """A JPEG tagged "rotate 90°" (EXIF orientation 6) gives the same pixels on both backends:
+    DALI's decoder rotates by EXIF unless told not to, simplejpeg never does."""
+    pytest.importorskip("nvidia.dali")
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
+    for identity in range(2):
+        folder = tmp_path / "tree" / f"person_{identity}"
+        folder.mkdir(parents=True)
+        for index in range(2):
+            face = Image.fromarray(render_face(identity, index).image)
+            face.save(folder / f"{index}.jpg", quality=95, exif=exif)
+    shards = _shard(tmp_path / "tree", tmp_path / "shards")
+    kwargs = dict(seed=0, device="cpu", workers=1, drop_last=False)
+    dali = _collect(build_loader(shards, 4, 1, backend="dali", **kwargs))
+    ours = _collect(build_loader(shards, 4, 1, backend="torch", **kwargs))
+    for name in ("identity", "classes"):
+        diff = (dali[name].int() - ours[name].int()).abs().max().item()
+        assert diff <= PIXEL_TOLERANCE, (name, diff)
+
+
+def test_dali_pipeline_options_follow_its_version() -> None:
+    """exec_dynamic only where DALI has it (>= 1.44; NGC containers ship older ones), EXIF
+    orientation off and the mixed decoder's threads not pinned to cores."""
+    pytest.importorskip("nvidia.dali")
+    from data_engine.loading.dali_backend import decoder_options, pipeline_options
+
+    def dynamic(version: str) -> bool:
+        options = pipeline_options(version, batch_size=6, threads=3, device_id=None)
+        assert (options["batch_size"], options["num_threads"]) == (6, 3)
+        return options.get("exec_dynamic", False)
+
+    assert [dynamic(v) for v in ("1.30.0", "1.43.1", "1.44.0", "1.44.0.dev20240801", "2.4.0")
+            ] == [False, False, True, True, True]
+    gpu, cpu = decoder_options(True, 112), decoder_options(False, 112)
+    assert (gpu["device"], gpu["affine"], gpu["adjust_orientation"]) == ("mixed", False, False)
+    assert (cpu["device"], cpu["adjust_orientation"]) == ("cpu", False)
+
+
 def test_backend_choice() -> None:
     from common.errors import UserError
     from data_engine.loading.loader import resolve_backend
@@ -224,18 +265,35 @@ def test_corrupt_data_raises_or_is_skipped(shards: Path, tmp_path: Path, backend
 
 def test_dali_decoder_failure_is_located(shards: Path, tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """Data that passes the cheap checks but fails in DALI's decoder is named, or skipped."""
+    """Data that passes the cheap checks but fails in DALI's decoder is named, or skipped;
+    after each failed step a new pipeline decodes the next steps (an operator error can leave
+    a pipeline invalid on the GPU), and they are the right images."""
     pytest.importorskip("nvidia.dali")
+    from data_engine.loading.dali_backend import DaliBatches
     from data_engine.loading.image_source import ImageSource
 
     _make_tree(tmp_path / "tree", COUNTS[:6], cut=(5, 2))
     cut = _shard(tmp_path / "tree", tmp_path / "shards", "--verify", "none")
+    bad_id = ShardReader(cut).identity_images(5)[2]
     monkeypatch.setattr(ImageSource, "problem", lambda self, data, expected: None)
     kwargs = dict(seed=0, backend="dali", device="cpu", workers=1, drop_last=False)
     with pytest.raises(DataError, match="JPEG does not decode"):
         _collect(build_loader(cut, 5, K, **kwargs))
+
+    built = []
+    real_pipeline = DaliBatches._pipeline
+    monkeypatch.setattr(DaliBatches, "_pipeline", lambda self, plan, feeder: built.append(
+        feeder.steps) or real_pipeline(self, plan, feeder))
     loader = build_loader(cut, 5, K, skip_bad=True, **kwargs)
-    assert len(_collect(loader)["labels"]) == sum(COUNTS[:6]) and loader.skipped >= 1
+    batches = _collect(loader)
+    assert len(batches["labels"]) == sum(COUNTS[:6]) and loader.skipped >= 1
+    uses = (batches["image_ids"] == bad_id) | (batches["class_image_ids"] == bad_id).any(1)
+    failed_steps = set((uses.nonzero().flatten() // 5).tolist())
+    followed = {step for step in failed_steps if step + 1 < len(loader)}  # not the last step
+    assert len(built) == 1 + len(followed) >= 2, (len(built), failed_steps)
+    good = _collect(build_loader(cut, 5, K, **{**kwargs, "backend": "torch"}, skip_bad=True))
+    assert torch.equal(batches["identity"][~uses], good["identity"][~uses])
+    assert torch.equal(batches["classes"][~uses], good["classes"][~uses])
 
 
 def test_dead_worker_is_an_error_not_a_hang(shards: Path) -> None:

@@ -14,10 +14,13 @@ with ``skip_bad``, replaced exactly as the torch backend replaces it.
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
+import nvidia.dali
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import feed_ndarray
@@ -26,6 +29,41 @@ from data_engine.loading.batch import Batch, batch_from_pixels
 from data_engine.loading.cpu_decode import decode_into
 from data_engine.loading.epoch_plan import EpochPlan, StepPlan
 from data_engine.loading.image_source import ImageSource
+
+DYNAMIC_EXECUTOR_SINCE = (1, 44)  # the first DALI release that accepts exec_dynamic
+
+
+def pipeline_options(dali_version: str, *, batch_size: int, threads: int,
+                     device_id: int | None) -> dict[str, Any]:
+    """``pipeline_def`` arguments for this DALI version: the dynamic executor where there is
+    one (older releases, e.g. in NGC containers, reject the argument with a TypeError)."""
+    options: dict[str, Any] = {"batch_size": batch_size, "num_threads": threads,
+                               "device_id": device_id, "prefetch_queue_depth": 2}
+    if _major_minor(dali_version) >= DYNAMIC_EXECUTOR_SINCE:
+        options["exec_dynamic"] = True
+    return options
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    """(1, 44) from "1.44.0", "1.44.0.dev20240801" or "2.4"."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None:
+        raise ValueError(f"not a DALI version: {version!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def decoder_options(gpu: bool, size: int) -> dict[str, Any]:
+    """``fn.decoders.image`` arguments. EXIF orientation is ignored, as by the CPU decode, so
+    both backends give the same pixels; the mixed decoder's threads are not pinned to cores
+    (``affine``), which would stack every torchrun rank's threads on the same cores."""
+    options: dict[str, Any] = {"output_type": types.RGB, "adjust_orientation": False}
+    if not gpu:
+        return {**options, "device": "cpu"}
+    # jpeg_fancy_upsampling: chroma upsampled like libjpeg-turbo, so GPU pixels stay close
+    # to the CPU decoders'.
+    return {**options, "device": "mixed", "affine": False, "hw_decoder_load": 0.9,
+            "preallocate_width_hint": size, "preallocate_height_hint": size,
+            "jpeg_fancy_upsampling": True}
 
 
 class _Feeder:
@@ -45,7 +83,8 @@ class _Feeder:
 
 
 class DaliBatches:
-    """Builds the pipeline per pass (an epoch) and turns each output into a :class:`Batch`."""
+    """Builds a pipeline per pass (an epoch; again after a decoder error) and turns each
+    output into a :class:`Batch`."""
 
     def __init__(self, source: ImageSource, *, device: str, workers: int) -> None:
         self.source = source
@@ -59,44 +98,47 @@ class DaliBatches:
         """Nothing outlives a pass: each pipeline is released with its pass."""
 
     def run(self, plan: EpochPlan, start_step: int) -> Iterator[tuple[Batch, int]]:
-        """(batch, images replaced in it) for each step of ``plan`` from ``start_step``."""
-        feeder = _Feeder(plan, self.source, start_step)
-        pipe = self._pipeline(plan, feeder)
-        while True:
-            try:
-                (images,) = pipe.run()
-            except StopIteration:
-                return
-            except RuntimeError as error:  # the decoder rejected bytes that passed the checks
-                step, data, replaced = feeder.pending.popleft()
-                pixels, extra = _decode_on_cpu(step, data, self.source, error)
-                yield batch_from_pixels(step, pixels, self.device), replaced + extra
-                continue
-            step, _, replaced = feeder.pending.popleft()
-            yield batch_from_pixels(step, self._to_torch(images), self.device), replaced
+        """(batch, images replaced in it) for each step of ``plan`` from ``start_step``.
+
+        After a decoder error the pipeline is dropped (an operator error can leave it
+        invalid, and the steps it prefetched with it) and a new one starts at the next step.
+        """
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # this thread's copies go to our GPU
+        next_step = start_step
+        while next_step < len(plan):
+            feeder = _Feeder(plan, self.source, next_step)
+            pipe = self._pipeline(plan, feeder)
+            while True:
+                try:
+                    (images,) = pipe.run()
+                except StopIteration:
+                    return
+                except RuntimeError as error:  # the decoder rejected bytes that passed the checks
+                    failed = error
+                    break
+                step, _, replaced = feeder.pending.popleft()
+                yield batch_from_pixels(step, self._to_torch(images), self.device), replaced
+            del pipe
+            step, data, replaced = feeder.pending.popleft()
+            pixels, extra = _decode_on_cpu(step, data, self.source, failed)
+            next_step = step.step + 1
+            yield batch_from_pixels(step, pixels, self.device), replaced + extra
 
     def _pipeline(self, plan: EpochPlan, feeder: _Feeder):
         size = self.source.image_size
         gpu = self.device.type == "cuda"
         device_id = (self.device.index if self.device.index is not None
                      else torch.cuda.current_device()) if gpu else None
+        decoder = decoder_options(gpu, size)
 
-        @pipeline_def(batch_size=(plan.k + 1) * plan.batch_size,
-                      num_threads=max(1, self.workers), device_id=device_id,
-                      prefetch_queue_depth=2,
-                      exec_dynamic=True)
+        @pipeline_def(**pipeline_options(nvidia.dali.__version__,
+                                         batch_size=(plan.k + 1) * plan.batch_size,
+                                         threads=max(1, self.workers), device_id=device_id))
         def decode_steps():
             jpegs, flips = fn.external_source(source=feeder, num_outputs=2, batch=True,
                                               dtype=[types.UINT8, types.INT32])
-            if gpu:
-                # jpeg_fancy_upsampling: chroma upsampled like libjpeg-turbo, so GPU pixels
-                # stay close to the CPU decoders'.
-                images = fn.decoders.image(jpegs, device="mixed", output_type=types.RGB,
-                                           hw_decoder_load=0.9, preallocate_width_hint=size,
-                                           preallocate_height_hint=size,
-                                           jpeg_fancy_upsampling=True)
-            else:
-                images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+            images = fn.decoders.image(jpegs, **decoder)
             return fn.flip(images, horizontal=flips)
 
         pipe = decode_steps()
