@@ -31,11 +31,12 @@ from common.cli import (
 )
 from common.errors import UserError
 from common.files import write_atomic
+from evaluate.ijb_meta import IJB_SETS, ijb_title
 from evaluate.onnx_model import INPUT_RANGES
+from evaluate.verification import VERIFICATION_SETS
 
 log = logging.getLogger("evaluate")
 
-VERIFICATION_SETS = ("lfw", "cfp_fp", "agedb_30")
 MODEL_HELP = ("RUN/model.pt, an insightface-style PyTorch state_dict (backbone.pth, with "
               "--network) or an ONNX recognition model (.onnx)")
 
@@ -58,9 +59,9 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m evaluate", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = add_subparsers(parser)
-    for name in ("ijbc", "ijbb"):
-        title = name.upper().replace("IJB", "IJB-")
-        sub = commands.add_parser(name, help=f"{title} 1:1 and 1:N (insightface layout)")
+    for name in IJB_SETS:
+        sub = commands.add_parser(name, help=f"{ijb_title(name)} 1:1 and 1:N (insightface "
+                                  "layout)")
         sub.add_argument("--root", required=True, type=existing_dir,
                          help="directory with meta/ and loose_crop/")
         source = sub.add_mutually_exclusive_group(required=True)
@@ -100,7 +101,7 @@ def build_parser() -> ArgumentParser:
                        help="first synthetic identity (beyond the training ones = held out)")
     synth.add_argument("--seed", type=int, default=0, help="synthetic dataset seed")
     synth.add_argument("--probes", type=positive_int, default=2, help="probe templates/subject")
-    synth.add_argument("--prefix", choices=("ijbc", "ijbb"), default="ijbc")
+    synth.add_argument("--prefix", choices=IJB_SETS, default="ijbc")
     synth_bin = commands.add_parser("synth-bin", help="write a synthetic verification .bin")
     synth_bin.add_argument("--out", type=Path, required=True)
     synth_bin.add_argument("--identities", type=positive_int, default=100)
@@ -158,7 +159,7 @@ def run_ijb(args: argparse.Namespace) -> int:
     gallery = "+".join(ijb_meta.GALLERIES[prefix])
     if distractors is not None:
         gallery += f" + {len(distractors)} distractors"
-    print(format_ijb_table(prefix.upper().replace("IJB", "IJB-"), result.metrics, gallery))
+    print(format_ijb_table(ijb_title(prefix), result.metrics, gallery))
     if args.out:
         _write_json(args.out, {**result.metrics, "roc": roc_points(result.fpr, result.tpr)})
     if args.plot:
@@ -166,7 +167,7 @@ def run_ijb(args: argparse.Namespace) -> int:
 
         label = Path(args.model or args.features).name
         plot_roc({label: (result.fpr, result.tpr)}, str(args.plot),
-                 f"{prefix.upper().replace('IJB', 'IJB-')} 1:1 ROC")
+                 f"{ijb_title(prefix)} 1:1 ROC")
         log.info("ROC plot written to %s", args.plot)
     return 0
 
@@ -274,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # CPU-feature probing noise
-    if args.command in ("ijbc", "ijbb"):
+    if args.command in IJB_SETS:
         return run_ijb(args)
     if args.command in VERIFICATION_SETS:
         return run_verification(args)

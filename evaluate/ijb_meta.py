@@ -28,7 +28,9 @@ import numpy as np
 
 from common.errors import UserError
 
-GALLERIES = {"ijbc": ("G1", "G2"), "ijbb": ("S1", "S2")}
+# The IJB benchmarks by file prefix, with their two 1:N galleries.
+GALLERIES = {"ijbb": ("S1", "S2"), "ijbc": ("G1", "G2")}
+IJB_SETS = tuple(GALLERIES)
 _FIRST_TWO_FIELDS = re.compile(rb"^([^,\n]*),([^,\n]*)", re.MULTILINE)
 _NON_BLANK_LINE = re.compile(rb"^[^\S\n]*\S", re.MULTILINE)
 
@@ -57,6 +59,11 @@ class SearchSet:
     name: str
     templates: np.ndarray  # int64 [R]
     subjects: np.ndarray  # int64 [R]
+
+
+def ijb_title(prefix: str) -> str:
+    """``ijbc`` -> ``IJB-C``, as tables and plots name it."""
+    return prefix.upper().replace("IJB", "IJB-")
 
 
 def meta_path(root: Path, prefix: str, suffix: str) -> Path:

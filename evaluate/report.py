@@ -23,11 +23,11 @@ import matplotlib.pyplot as plt
 from common.errors import UserError
 from common.files import write_atomic
 from data_engine.layout import read_manifest
+from evaluate.ijb_meta import IJB_SETS, ijb_title
 from evaluate.roc import plot_roc as plot_roc_curves
+from evaluate.verification import VERIFICATION_SETS
 from model.heads.attfc import dcc_capacity
 
-VERIFICATION_SETS = ("lfw", "cfp_fp", "agedb_30")
-IJB_SETS = ("ijbb", "ijbc")
 FAR_COLUMN = "0.0001"
 
 
@@ -174,8 +174,8 @@ def results_table(record: RunRecord) -> str:
     memory = [row["mem_bytes"] for row in record.train_rows if "mem_bytes" in row]
     cells.append(f"{max(memory) / 2**30:.2f} GiB" if memory else "–")
     cells.append(f"{sorted(speeds)[len(speeds) // 2]:.0f}" if speeds else "–")
-    header = ["method", "W-size", "LFW", "CFP-FP", "AgeDB", "IJB-B", "IJB-C", "memory",
-              "samples/s"]
+    header = ["method", "W-size", *VERIFICATION_SETS.values(), *map(ijb_title, IJB_SETS),
+              "memory", "samples/s"]
     return "\n".join(["| " + " | ".join(header) + " |",
                       "|" + "---|" * len(header),
                       "| " + " | ".join(cells) + " |"])

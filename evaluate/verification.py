@@ -21,6 +21,8 @@ from common.files import write_atomic
 from common.progress import Progress
 
 IMAGE_SIZE = 112
+# The paper's three, by insightface's file name, with the title its tables use.
+VERIFICATION_SETS = {"lfw": "LFW", "cfp_fp": "CFP-FP", "agedb_30": "AgeDB"}
 
 
 def _bool_scalar(dtype: object, data: bytes) -> bool:

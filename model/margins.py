@@ -53,14 +53,17 @@ class CombinedMargin(nn.Module):
             return psi * self.scale
 
 
-_FORMS = dict(zip(MARGINS, (lambda m: (1.0, m, 0.0),  # arcface: angular margin m
-                            lambda m: (1.0, 0.0, m)),  # cosface: additive cosine margin m
-                  strict=True))
+# Name -> (m1, m2, m3) from the one margin m; keys are model/names.py's MARGINS, in that order
+# (a test checks).
+MARGIN_FORMS = {
+    "arcface": lambda m: (1.0, m, 0.0),  # angular margin m
+    "cosface": lambda m: (1.0, 0.0, m),  # additive cosine margin m
+}
 
 
 def build_margin(name: str = "arcface", s: float = 64.0, m: float = 0.5) -> CombinedMargin:
     """A named margin (arcface: (1, m, 0); cosface: (1, 0, m)); other (m1, m2, m3) forms are
     built with :class:`CombinedMargin` directly."""
-    if name not in _FORMS:
+    if name not in MARGIN_FORMS:
         raise ValueError(f"unknown margin {name!r}: expected one of {', '.join(MARGINS)}")
-    return CombinedMargin(s, *_FORMS[name](m))
+    return CombinedMargin(s, *MARGIN_FORMS[name](m))

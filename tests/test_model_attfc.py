@@ -178,12 +178,12 @@ class _Tiny(nn.Sequential):
         super().__init__(nn.Flatten(), nn.Linear(12, 4), nn.BatchNorm1d(4))
 
 
-def _tiny_setup(momentum: float = 0.9):
+def _tiny_setup(gamma: float = 0.9):
     torch.manual_seed(0)
     encoder = _Tiny()
     head = build_head("attfc", num_classes=40, embedding_size=4, batch_size=4,
                       margin=build_margin("arcface", s=8.0), feature_encoder=encoder,
-                      momentum=momentum)
+                      class_encoder_momentum=gamma)
     return encoder, head
 
 
@@ -205,7 +205,7 @@ def test_gradients_reach_the_feature_encoder_only() -> None:
 
 
 def test_class_encoder_follows_eq12_after_a_step() -> None:
-    encoder, head = _tiny_setup(momentum=0.9)
+    encoder, head = _tiny_setup(gamma=0.9)
     opt = torch.optim.SGD(encoder.parameters(), lr=0.5)
     images, labels, class_images = _batch(1)
     head(encoder(images), labels, class_images).loss.backward()

@@ -130,7 +130,7 @@ def test_noise_report_finds_planted_mislabeled_photos_far_above_chance(tmp_path,
                         device="cpu", workers=1)
     head = build_head("attfc", num_classes=plan.num_classes, embedding_size=64,
                       batch_size=batch_size, margin=build_margin("cosface", s=30.0, m=0.2),
-                      feature_encoder=encoder, k=k, momentum=0.9)
+                      feature_encoder=encoder, k=k, class_encoder_momentum=0.9)
     optimizer = make_optimizer(list(encoder.parameters()), lr=0.1, momentum=0.9,
                                weight_decay=5e-4)
     stats = ImageStats(plan.num_images, k, "cpu")

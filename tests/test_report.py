@@ -44,6 +44,8 @@ def test_report_table_and_plots(run_cli, tmp_path):
     report = (run / "report.md").read_text()
     # paper-format row: W-size = floor(0.3 * 2000 / 32) * 32 = 576, LFW from eval/lfw.json,
     # IJB-C TAR@FAR=1e-4 in percent, peak memory, median samples/s
+    assert "| method | W-size | LFW | CFP-FP | AgeDB | IJB-B | IJB-C | memory | samples/s |" \
+        in report.splitlines()
     row = next(line for line in report.splitlines() if line.startswith("| attfc (mbf)"))
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert cells == ["attfc (mbf)", "576", "99.12", "–", "–", "–", "12.34", "1.00 GiB", "31"]

@@ -61,7 +61,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("sample_rate", 0.3, "attfc: DCC size ratio r (S = r*N); partialfc: sampling rate",
            group="model"),
     Option("k", 2, "attfc: class images per identity image", group="model"),
-    Option("gamma", 0.999, "attfc: class-encoder momentum (Eq. 12)", group="model"),
+    Option("gamma", 0.999, "attfc: class-encoder momentum γ (Eq. 12; SGD's is --momentum)",
+           group="model"),
     Option("strategy", "attention", "attfc: how class features make the class centre",
            STRATEGIES, group="model"),
     Option("update_order", "paper", "attfc: paper = the step's GCCs enter the container before "

@@ -219,7 +219,8 @@ class Trainer:
                           embedding_size=c["embedding_size"], batch_size=self.global_batch,
                           margin=margin,
                           feature_encoder=backbone,
-                          sample_rate=c["sample_rate"], k=c["k"], momentum=c["gamma"],
+                          sample_rate=c["sample_rate"], k=c["k"],
+                          class_encoder_momentum=c["gamma"],
                           strategy=c["strategy"],
                           update_order=c["update_order"],
                           ranks=self.world.ranks).to(self.device)

@@ -12,10 +12,16 @@ from model.backbones.iresnet import iresnet
 from model.backbones.mobilefacenet import MobileFaceNet
 from model.names import NETWORKS
 
-# rNN is the iResNet of depth NN; mbf is MobileFaceNet.
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {
-    name: (MobileFaceNet if name == "mbf" else partial(iresnet, int(name[1:])))
-    for name in NETWORKS}
+# Name -> constructor taking ``embedding_size`` and the network's own keyword arguments;
+# its keys are model/names.py's NETWORKS, in that order (a test checks).
+BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    "r18": partial(iresnet, 18),
+    "r34": partial(iresnet, 34),
+    "r50": partial(iresnet, 50),
+    "r100": partial(iresnet, 100),
+    "r200": partial(iresnet, 200),
+    "mbf": MobileFaceNet,
+}
 
 
 def get_model(name: str, embedding_size: int = 512, **kwargs) -> nn.Module:
@@ -24,9 +30,9 @@ def get_model(name: str, embedding_size: int = 512, **kwargs) -> nn.Module:
     Extra keyword arguments go to the constructor (``dropout`` for iresnet; ``blocks``,
     ``scale`` for mbf).
     """
-    if name not in _REGISTRY:
+    if name not in BACKBONES:
         raise ValueError(f"unknown network {name!r}: expected one of {', '.join(NETWORKS)}")
-    return _REGISTRY[name](embedding_size=embedding_size, **kwargs)
+    return BACKBONES[name](embedding_size=embedding_size, **kwargs)
 
 
 def normalize_images(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -14,7 +14,7 @@ from torch import nn
 
 from model.heads.collective import Ranks, all_gather
 from model.heads.dcc_ce import masked_dcc_cross_entropy
-from model.heads.interface import HeadOutput
+from model.heads.interface import HeadOptions, HeadOutput
 from model.margins import CombinedMargin
 from model.names import STRATEGIES, UPDATE_ORDERS
 
@@ -33,12 +33,13 @@ def _single(f: torch.Tensor, K: torch.Tensor) -> torch.Tensor:  # noqa: N803
     return alpha
 
 
-_WEIGHTINGS = dict(zip(STRATEGIES, (_attention, _constant, _single), strict=True))
+# Name -> α rule; keys are model/names.py's STRATEGIES, in that order (a test checks).
+WEIGHTINGS = {"attention": _attention, "constant": _constant, "single": _single}
 
 
 def check_strategy(strategy: str) -> None:
     """The one check of a GCC strategy name."""
-    if strategy not in _WEIGHTINGS:
+    if strategy not in WEIGHTINGS:
         raise ValueError(f"unknown GCC strategy {strategy!r}: expected one of "
                          f"{', '.join(STRATEGIES)}")
 
@@ -51,7 +52,7 @@ def attention_weights(f: torch.Tensor, K: torch.Tensor,  # noqa: N803 (paper's K
     the first class image (DCQ-style, Table 4 "single image").
     """
     check_strategy(strategy)
-    return _WEIGHTINGS[strategy](f, K)
+    return WEIGHTINGS[strategy](f, K)
 
 
 def generate_gcc(f: torch.Tensor, K: torch.Tensor,  # noqa: N803 (paper's K)
@@ -135,7 +136,7 @@ class AttFCHead(nn.Module):
 
     def __init__(self, feature_encoder: nn.Module, num_classes: int, embedding_size: int,
                  batch_size: int, margin: CombinedMargin, sample_rate: float = 0.3, k: int = 2,
-                 momentum: float = 0.999, strategy: str = "attention",
+                 class_encoder_momentum: float = 0.999, strategy: str = "attention",
                  dcc_dtype: torch.dtype = torch.float32, chunk_size: int = 65536,
                  update_order: str = "paper", ranks: Ranks | None = None) -> None:
         super().__init__()
@@ -145,8 +146,9 @@ class AttFCHead(nn.Module):
             raise ValueError(f"unknown update order {update_order!r}: expected one of "
                              f"{', '.join(UPDATE_ORDERS)}")
         self.update_order = update_order
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if not 0 <= class_encoder_momentum < 1:
+            raise ValueError(f"class_encoder_momentum must be in [0, 1), got "
+                             f"{class_encoder_momentum}")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         self.class_encoder = copy.deepcopy(feature_encoder).requires_grad_(False)
@@ -154,11 +156,22 @@ class AttFCHead(nn.Module):
                                          embedding_size, dtype=dcc_dtype)
         self.margin = margin
         self.k = k
-        self.momentum = momentum
+        self.class_encoder_momentum = class_encoder_momentum
         self.strategy = strategy
         self.chunk_size = chunk_size
         # Decided once: the class encoder is a copy, so it has the feature encoder's layout.
         self._channels_last = _is_channels_last(self.class_encoder)
+
+    @classmethod
+    def from_options(cls, options: HeadOptions) -> AttFCHead:
+        if options.feature_encoder is None:
+            raise ValueError("the attfc head needs feature_encoder (copied into the class encoder)")
+        return cls(options.feature_encoder, options.num_classes, options.embedding_size,
+                   options.batch_size, options.margin, sample_rate=options.sample_rate,
+                   k=options.k, class_encoder_momentum=options.class_encoder_momentum,
+                   strategy=options.strategy, dcc_dtype=options.dcc_dtype,
+                   chunk_size=options.chunk_size, update_order=options.update_order,
+                   ranks=options.ranks)
 
     def encode_classes(self, class_images: torch.Tensor) -> torch.Tensor:
         """C(class images [B, k, 3, H, W]) -> K [B, k, D] fp32, without autograd.
@@ -219,9 +232,9 @@ class AttFCHead(nn.Module):
         if len(c_params) != len(f_params) or len(c_buffers) != len(f_buffers):
             raise ValueError("feature_encoder does not match the class encoder's architecture")
         if c_params:
-            torch._foreach_mul_(c_params, self.momentum)
-            torch._foreach_add_(c_params, [p.detach() for p in f_params],
-                                alpha=1.0 - self.momentum)
+            gamma = self.class_encoder_momentum
+            torch._foreach_mul_(c_params, gamma)
+            torch._foreach_add_(c_params, [p.detach() for p in f_params], alpha=1.0 - gamma)
         if c_buffers:  # one fused launch instead of ~3 per BN layer (r100: ~750)
             torch._foreach_copy_(c_buffers, f_buffers)
 

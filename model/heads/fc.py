@@ -18,7 +18,7 @@ from model.heads.collective import (
     gather_features,
     sharded_margin_cross_entropy,
 )
-from model.heads.interface import HeadOutput
+from model.heads.interface import HeadOptions, HeadOutput
 from model.heads.margin_ce import margin_cross_entropy
 from model.margins import CombinedMargin
 
@@ -36,6 +36,11 @@ class FCHead(nn.Module):
         self.weight = nn.Parameter(weight)
         self.num_classes = num_classes
         self.margin = margin
+
+    @classmethod
+    def from_options(cls, options: HeadOptions) -> FCHead:
+        return cls(options.num_classes, options.embedding_size, options.margin,
+                   ranks=options.ranks)
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor,
                 class_images: torch.Tensor | None = None) -> HeadOutput:

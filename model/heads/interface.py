@@ -1,12 +1,46 @@
-"""What every head promises ``train``: the Head protocol and its forward's return value."""
+"""What every head promises ``train``: the Head protocol, the options a head is built from,
+and its forward's return value."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import ClassVar, Protocol, Self
 
 import torch
 from torch import nn
+
+from model.heads.collective import Ranks
+from model.margins import CombinedMargin
+
+
+@dataclass(frozen=True)
+class HeadOptions:
+    """Every setting a head may be built from; each head reads the ones it uses.
+
+    attfc deep-copies ``feature_encoder`` (pass the plain module, not a compiled/DDP wrapper)
+    into its class encoder, which follows it with ``class_encoder_momentum`` γ (Eq. 12);
+    ``chunk_size`` bounds its B×chunk logit working set. ``ranks``: this process's place among
+    several (see :mod:`model.heads.collective`); attfc's ``batch_size`` is then the global
+    batch.
+    """
+
+    num_classes: int
+    embedding_size: int
+    batch_size: int
+    margin: CombinedMargin
+    feature_encoder: nn.Module | None = None
+    sample_rate: float = 0.3
+    k: int = 2
+    class_encoder_momentum: float = 0.999
+    strategy: str = "attention"
+    dcc_dtype: torch.dtype = torch.float32
+    chunk_size: int = 65536
+    update_order: str = "paper"
+    ranks: Ranks | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 1 or self.embedding_size < 1 or self.batch_size < 1:
+            raise ValueError("num_classes, embedding_size and batch_size must be >= 1")
 
 
 @dataclass
@@ -32,6 +66,10 @@ class Head(Protocol):
     """
 
     needs_class_images: ClassVar[bool]
+
+    @classmethod
+    def from_options(cls, options: HeadOptions) -> Self:
+        """The head built from the settings it uses."""
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor,
                 class_images: torch.Tensor | None = None) -> HeadOutput:

@@ -24,7 +24,7 @@ from model.heads.collective import (
     sharded_margin_cross_entropy,
 )
 from model.heads.fc import split_classes
-from model.heads.interface import HeadOutput
+from model.heads.interface import HeadOptions, HeadOutput
 from model.heads.margin_ce import margin_cross_entropy
 from model.margins import CombinedMargin
 
@@ -45,6 +45,11 @@ class PartialFCHead(nn.Module):
         self.num_classes = num_classes
         self.margin = margin
         self.num_sample = max(1, int(sample_rate * num_classes))
+
+    @classmethod
+    def from_options(cls, options: HeadOptions) -> PartialFCHead:
+        return cls(options.num_classes, options.embedding_size, options.margin,
+                   sample_rate=options.sample_rate, ranks=options.ranks)
 
     @torch.no_grad()
     def sample(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
