@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
+import threading
 import time
 from pathlib import Path
 
@@ -115,3 +117,104 @@ def test_one_pass_at_a_time(shards: Path) -> None:  # noqa: F811
             next(iter(loader))
         first.close()
         assert next(iter(loader)).identity.shape == (4, 3, 112, 112)
+
+
+class _StandInCuda:
+    """Stands in for the parts of ``torch.cuda`` the torch backend calls, on a machine with
+    no GPU: a per-thread current device (GPU 0 in every new thread, as in CUDA), streams
+    named by device, events that note the stream they were recorded on (an event's default
+    is the current device's stream, as in torch), and cudaHostRegister/Unregister that note
+    the current device. Only what the backend asks of CUDA is faked; workers, slots and
+    shards are real."""
+
+    def __init__(self) -> None:
+        self.local = threading.local()
+        self.calls: list[tuple[str, int]] = []  # (what, current device at the time)
+
+    def current(self) -> int:
+        return getattr(self.local, "device", 0)
+
+    def set_device(self, device: torch.device | str) -> None:
+        self.local.device = torch.device(device).index
+
+    @contextlib.contextmanager
+    def device(self, device: torch.device | str):
+        before = self.current()
+        self.set_device(device)
+        try:
+            yield
+        finally:
+            self.local.device = before
+
+    def current_stream(self, device: torch.device | None = None) -> tuple[str, int]:
+        return ("stream", self.current() if device is None else torch.device(device).index)
+
+    def event(self):
+        stand_in = self
+
+        class Event:
+            def record(self, stream: tuple[str, int] | None = None) -> None:
+                stand_in.calls.append(("event on", (stream or stand_in.current_stream())[1]))
+
+            def query(self) -> bool:
+                return True
+
+            def synchronize(self) -> None:
+                pass
+
+        return Event
+
+    def cudart(self):
+        stand_in = self
+
+        class Runtime:
+            def cudaHostRegister(self, *args: object) -> int:  # noqa: N802 (CUDA's name)
+                stand_in.calls.append(("register", stand_in.current()))
+                return 0
+
+            def cudaHostUnregister(self, *args: object) -> int:  # noqa: N802
+                stand_in.calls.append(("unregister", stand_in.current()))
+                return 0
+
+        return Runtime()
+
+
+def test_cuda_n_copies_are_tracked_on_that_gpu(shards: Path,  # noqa: F811
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """With device cuda:1 and the loader iterated in a thread of its own (train's prefetch
+    thread), slots are pinned, copied, fenced by an event on cuda:1's stream and unpinned
+    with cuda:1 current. Recorded on the thread's default GPU 0 instead, the event completes
+    at once and the slot is refilled while its copy is still queued. No GPU here: torch.cuda
+    is a stand-in (:class:`_StandInCuda`); bench/gpu_check.py runs this path on a GPU."""
+    from data_engine.loading import torch_backend
+    from data_engine.loading.epoch_plan import EpochPlan
+    from data_engine.loading.image_source import ImageSource
+    from data_engine.loading.reader import ShardReader
+
+    cuda = _StandInCuda()
+    for name in ("set_device", "device", "current_stream", "cudart"):
+        monkeypatch.setattr(torch.cuda, name, getattr(cuda, name))
+    monkeypatch.setattr(torch.cuda, "Event", cuda.event())
+    real_batch = torch_backend.batch_from_pixels
+
+    def copy(step, pixels, device):
+        cuda.calls.append(("copy", cuda.current()))
+        return real_batch(step, pixels, torch.device("cpu"))
+
+    monkeypatch.setattr(torch_backend, "batch_from_pixels", copy)
+    reader = ShardReader(shards)
+    plan = EpochPlan(reader.identity_start, 4, K, seed=0)
+    batches = torch_backend.TorchBatches(ImageSource(shards, 112, False, reader),
+                                         device="cuda:1", workers=1)
+    batches.start(plan)  # pinned from the main thread, as train does
+    seen = []
+    prefetch = threading.Thread(target=lambda: seen.extend(
+        batch.labels for batch, _ in batches.run(plan, 0)))
+    prefetch.start()
+    prefetch.join(timeout=120)
+    batches.close()
+    assert len(seen) == len(plan)
+    kinds = [what for what, _ in cuda.calls]
+    assert kinds.count("event on") == kinds.count("copy") == len(plan)
+    assert kinds.count("register") == kinds.count("unregister") > 0
+    assert {device for _, device in cuda.calls} == {1}, cuda.calls

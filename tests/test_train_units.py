@@ -170,3 +170,19 @@ def test_synthetic_shards_get_a_heldout_validation_set(tmp_path):
     assert images.shape == (20, 3, 112, 112) and issame.sum() == 5
     (shards / "manifest.json").write_text(json.dumps({**manifest, "source": "folder"}))
     assert synthetic_heldout(shards, tmp_path / "other") is None
+
+
+@pytest.mark.parametrize("device, current", [("cuda:1", ["cuda:1"]), ("cuda", []), ("cpu", [])])
+def test_one_process_on_cuda_n_makes_it_the_current_device(monkeypatch, device, current):
+    """--device cuda:N without torchrun: cuda:N becomes the main thread's current device, so
+    CUDA calls that name no device do not open a context on GPU 0. No GPU here: torch.cuda's
+    is_available and set_device are stand-ins; bench/gpu_check.py runs it on a GPU."""
+    from train.distributed import _LAUNCH_VARIABLES, init_world
+
+    for name in _LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    world, resolved = init_world(device, 60)
+    assert resolved == device and not world.launched and chosen == current

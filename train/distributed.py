@@ -97,7 +97,10 @@ def launch_rank() -> int:
 def init_world(device: str, timeout_s: float) -> tuple[World, str]:
     """Join the run torchrun started, if any -> (world, this process's device)."""
     if not all(name in os.environ for name in _LAUNCH_VARIABLES):
-        return World(), resolve_device(device)
+        resolved = resolve_device(device)
+        if resolved.startswith("cuda:"):  # calls that name no device go to it, not to GPU 0
+            torch.cuda.set_device(resolved)
+        return World(), resolved
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

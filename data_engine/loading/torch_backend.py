@@ -146,7 +146,7 @@ class _Pool:
     """Worker processes, their task and result queues and the slot ring: one run's worth."""
 
     def __init__(self, source: ImageSource, shape: tuple[int, ...], workers: int,
-                 cuda: bool) -> None:
+                 gpu: torch.device | None) -> None:
         self.shape = shape
         self.depth = workers + 2  # steps in flight: every worker busy, the next ones queued
         self.slots = [_Slot(shape) for _ in range(self.depth + 2)]
@@ -157,13 +157,15 @@ class _Pool:
                                         self.results))
                       for _ in range(workers)]
         self.outstanding = 0  # tasks sent whose result has not been received
-        self._finalizer = weakref.finalize(self, _shutdown, self.procs, self.tasks, self.slots)
+        self._finalizer = weakref.finalize(self, _shutdown, self.procs, self.tasks, self.slots,
+                                           gpu)
         for proc in self.procs:
             proc.start()
-        if cuda:
+        if gpu is not None:
             try:
-                for slot in self.slots:
-                    slot.pin()
+                with torch.cuda.device(gpu):  # else CUDA opens a context on GPU 0 for this
+                    for slot in self.slots:
+                        slot.pin()
             except BaseException:
                 self.close()
                 raise
@@ -193,7 +195,8 @@ class _Pool:
             self.receive()
 
 
-def _shutdown(procs: list, tasks: mp.Queue, slots: list[_Slot]) -> None:
+def _shutdown(procs: list, tasks: mp.Queue, slots: list[_Slot],
+              gpu: torch.device | None) -> None:
     """Stop the workers, then unpin the slots (also when the pool is garbage-collected)."""
     for proc in procs:
         if proc.is_alive():
@@ -204,8 +207,10 @@ def _shutdown(procs: list, tasks: mp.Queue, slots: list[_Slot]) -> None:
             if proc.is_alive():
                 proc.kill()
                 proc.join()
-    for slot in slots:
-        slot.unpin()
+    if gpu is not None:
+        with torch.cuda.device(gpu):
+            for slot in slots:
+                slot.unpin()
 
 
 class TorchBatches:
@@ -241,11 +246,18 @@ class TorchBatches:
         if self._pool is not None and self._pool.shape != shape:
             self.close()  # another batch shape: the slots do not fit
         if self._pool is None:
-            self._pool = _Pool(self.source, shape, self.workers, self.device.type == "cuda")
+            gpu = self.device if self.device.type == "cuda" else None
+            self._pool = _Pool(self.source, shape, self.workers, gpu)
         return self._pool
 
     def run(self, plan: EpochPlan, start_step: int) -> Iterator[tuple[Batch, int]]:
-        """(batch, images replaced in it) for each step of ``plan`` from ``start_step``."""
+        """(batch, images replaced in it) for each step of ``plan`` from ``start_step``.
+
+        On CUDA the iterating thread (often a prefetch thread) is switched to our GPU first:
+        the current device is per thread, and GPU 0 in a new one whatever the main thread set.
+        """
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         if self.workers == 0:
             yield from self._run_inline(plan, start_step)
             return
@@ -307,7 +319,9 @@ class TorchBatches:
         if self.device.type == "cuda":
             batch = batch_from_pixels(step, pixels, self.device)
             slot.ready_event = torch.cuda.Event()
-            slot.ready_event.record()
+            # On the stream the copy was queued on: an event on another device's stream
+            # completes at once, and the slot would be refilled under the copy in flight.
+            slot.ready_event.record(torch.cuda.current_stream(self.device))
             return batch
         held = sum(1 for i, s in enumerate(slots)
                    if i != index and i not in busy and not s.free())
