@@ -34,6 +34,7 @@ from collections.abc import Sequence
 
 from bench.machine import cpu_model
 from common.cli import ArgumentParser, positive_int, run_cli
+from common.device import apply_tf32_policy, resolve_device
 
 HEADS = ("fc", "partialfc", "attfc", "official")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -85,8 +86,7 @@ def _worker(args) -> dict:
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
+    apply_tf32_policy()
     _touch_kernels(args, device)
     torch.manual_seed(0)
     batch, dim, n = args.batch_size, args.dim, args.n[0]
@@ -129,7 +129,8 @@ def _worker(args) -> dict:
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {"head": args.head, "n": n, "step_s": step_s, "peak_mem_bytes": int(peak)}
+    return {"head": args.head, "n": n, "step_s": step_s, "peak_mem_bytes": int(peak),
+            "tf32": torch.backends.cuda.matmul.allow_tf32}
 
 
 def _machine(device: str) -> str:
@@ -182,8 +183,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(_worker(args)))
         return 0
-    from common.device import resolve_device
-
     args.device = resolve_device(args.device)
     results = []
     for n in args.n:

@@ -100,6 +100,7 @@ def measure(args: SimpleNamespace, head_name: str, num_classes: int) -> dict:
             "host_syncs_per_step": syncs, "profile": parts,
             "samples_per_s": B * args.steps / elapsed, "step_s": elapsed / args.steps,
             "peak_mem_bytes": peak_memory_bytes(device), "loss": loss,
+            "tf32": torch.backends.cuda.matmul.allow_tf32,
             "device": torch.cuda.get_device_name(device) if cuda else cpu_model()}
 
 

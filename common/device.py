@@ -18,3 +18,19 @@ def resolve_device(name: str = "auto") -> str:
             raise UserError(f"--device {name}: CUDA is not available on this machine")
         return name
     raise UserError(f"--device {name}: expected auto, cpu or cuda[:N]")
+
+
+def apply_tf32_policy() -> None:
+    """The one float32 policy on CUDA, for training, evaluation and every bench alike:
+    matmuls and cuDNN convolutions in TF32 (fp32's range, a 10-bit mantissa, tensor cores).
+
+    One policy so a bench times what the product runs and validation during training scores
+    what ``python -m evaluate`` scores. TF32 keeps as many mantissa bits as the fp16 logits
+    of arcface_torch's heads, with fp32's range. Set through the legacy flags: torch refuses
+    a read of them after the newer ``fp32_precision`` setters, and torch.compile reads them.
+    CPU math is untouched.
+    """
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.device import apply_tf32_policy, resolve_device
 from common.errors import UserError, first_line
 from common.files import write_atomic
 from common.progress import Progress
@@ -127,6 +128,7 @@ class TorchEmbedder:
 
     def __init__(self, backbone: nn.Module, device: str) -> None:
         self.backbone, self.device = backbone.eval(), device
+        apply_tf32_policy()
 
     @torch.inference_mode()
     def __call__(self, batch: np.ndarray, *, flip: bool) -> np.ndarray:
@@ -147,8 +149,6 @@ def load_embedder(model_path: Path | str, *, network: str | None = None, device:
         return OnnxEmbedder(model_path, device=device, input_range=onnx_input)
     if onnx_input != "auto":
         raise UserError(f"--onnx-input {onnx_input}: {model_path} is not an .onnx model")
-    from common.device import resolve_device
-
     device = resolve_device(device)
     return TorchEmbedder(load_backbone(model_path, network, device), device)
 

@@ -20,5 +20,6 @@ def test_bench_heads_smoke() -> None:
         ("fc", 3000), ("partialfc", 3000), ("attfc", 3000), ("official", 3000)]
     for result in report["results"]:
         assert result["step_s"] > 0 and result["peak_mem_bytes"] is not None
+        assert result["tf32"]  # the product's float32 policy, not a faster one
     assert {r["head"] for r in report["ratios"]} == {"partialfc", "attfc", "official"}
     assert [r["n"] for r in report["attfc_vs_official"]] == [3000]

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from common.device import apply_tf32_policy
 from model.backbones import normalize_images
 from train.image_stats import ImageStats
 
@@ -64,6 +65,7 @@ class TrainStep:
                                  else forward_module)
         # fp16 needs loss scaling; bf16 has fp32's range and does not.
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=precision == "fp16")
+        apply_tf32_policy()
         self.nonfinite_in_row = torch.zeros((), dtype=torch.int64, device=device)
         self.nonfinite_total = torch.zeros((), dtype=torch.int64, device=device)
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
