@@ -48,7 +48,8 @@ def _add_model_flags(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--onnx-input", choices=INPUT_RANGES, default="auto",
                      help="pixel scale an ONNX model takes: raw 0-255, or scaled to [-1, 1]; "
                      "auto detects it as insightface does (first nodes Sub and Mul: raw)")
-    sub.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    sub.add_argument("--device", default="auto",
+                     help="auto, cpu or cuda[:N]: runs the network and the faiss 1:N search")
     sub.add_argument("--batch-size", type=positive_int, default=256)
     sub.add_argument("--no-flip", dest="flip", action="store_false",
                      help="skip the flip test (published numbers use it)")
@@ -155,7 +156,8 @@ def run_ijb(args: argparse.Namespace) -> int:
                                                                          "distractor matrix")
         pooled = pool_templates(features, images.templates, images.medias, faceness)
         result = ijb.score_templates(pooled, reading.result(), distractors=distractors,
-                                     open_set=args.open_set, full_roc=args.plot is not None)
+                                     open_set=args.open_set, full_roc=args.plot is not None,
+                                     device=args.device)
     gallery = "+".join(ijb_meta.GALLERIES[prefix])
     if distractors is not None:
         gallery += f" + {len(distractors)} distractors"

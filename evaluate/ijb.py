@@ -97,27 +97,27 @@ def read_protocol(root: Path, prefix: str) -> Protocol:
 
 def score(images: ijb_meta.ImageMeta, features: np.ndarray, faceness: np.ndarray | None,
           protocol: Protocol, *, distractors: np.ndarray | None = None,
-          open_set: bool = False, full_roc: bool = False) -> IJBResult:
+          open_set: bool = False, full_roc: bool = False, device: str = "auto") -> IJBResult:
     """All metrics from per-image features, computed as insightface's eval scripts do.
 
     The ROC is built up to FAR 0.3 only (all the metrics need) unless ``full_roc`` (plots).
     """
     return score_templates(pool_templates(features, images.templates, images.medias, faceness),
                            protocol, distractors=distractors, open_set=open_set,
-                           full_roc=full_roc)
+                           full_roc=full_roc, device=device)
 
 
 def score_templates(pooled: TemplateFeatures, protocol: Protocol, *,
                     distractors: np.ndarray | None = None, open_set: bool = False,
-                    full_roc: bool = False) -> IJBResult:
-    """:func:`score` from already pooled template features."""
+                    full_roc: bool = False, device: str = "auto") -> IJBResult:
+    """:func:`score` from already pooled template features; faiss searches on ``device``."""
     pairs = protocol.pairs
     scores = pair_scores(pooled.features, pooled.rows(pairs[:, 0], protocol.pairs_file),
                          pooled.rows(pairs[:, 1], protocol.pairs_file))
     fpr, tpr, _ = roc_curve(protocol.labels, scores,
                             max_fpr=None if full_roc else METRIC_MAX_FPR)
     metrics = {"tar_at_far": tar_at_far(fpr, tpr)}
-    metrics.update(one_to_n(pooled, protocol, distractors, open_set))
+    metrics.update(one_to_n(pooled, protocol, distractors, open_set, device))
     return IJBResult(metrics, fpr, tpr)
 
 
@@ -129,7 +129,7 @@ def _set_features(pooled: TemplateFeatures, search_set: ijb_meta.SearchSet, wher
 
 
 def one_to_n(pooled: TemplateFeatures, protocol: Protocol, distractors: np.ndarray | None,
-             open_set: bool) -> dict:
+             open_set: bool, device: str = "auto") -> dict:
     """Closed-set metrics over G1 ∪ G2 (+ distractors); open-set per gallery when asked."""
     first, second, probe = protocol.sets
     g1, g1_subjects = _set_features(pooled, first, protocol.set_files[first.name])
@@ -140,13 +140,14 @@ def one_to_n(pooled: TemplateFeatures, protocol: Protocol, distractors: np.ndarr
     if (mate < 0).any():
         raise UserError(f"{protocol.set_files[probe.name]}: subject "
                         f"{int(probe_subjects[mate < 0][0])} has no template in either gallery")
-    closed = closed_set_metrics(Gallery(np.concatenate([g1, g2]), distractors), probes, mate)
+    closed = closed_set_metrics(Gallery(np.concatenate([g1, g2]), distractors, device),
+                                probes, mate)
     metrics = {f"top{k}": v for k, v in closed.top.items()}
     metrics["tpir_at_fpir"] = closed.tpir_at_fpir
     if open_set:
         metrics["open_set"] = {
             search_set.name.removeprefix("gallery_"): open_set_metrics(
-                Gallery(feats, distractors), probes,
+                Gallery(feats, distractors, device), probes,
                 mates(probe_subjects, subjects, protocol.set_files[search_set.name]))
             for search_set, feats, subjects in ((first, g1, g1_subjects),
                                                 (second, g2, g2_subjects))}

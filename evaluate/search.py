@@ -35,10 +35,29 @@ EPS = 1e-4  # far above float32 dot-product error for unit vectors, far below sc
 ADD_CHUNK = 100_000
 
 
-class Gallery:
-    """Unit gallery vectors (templates, then optional distractors) behind a faiss IndexFlatIP."""
+def faiss_gpu(device: str, num_gpus: int) -> int | None:
+    """The GPU faiss searches on for ``--device`` (None: the CPU index), given how many GPUs
+    faiss sees: ``cuda:N`` is GPU N, as for the network; ``auto``/``cuda`` GPU 0 when there
+    is one; ``cpu`` never a GPU. A faiss built without GPUs searches on the CPU."""
+    number = device.removeprefix("cuda:")
+    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:")
+                                                      and number.isdigit()):
+        raise UserError(f"--device {device}: expected auto, cpu or cuda[:N]")
+    if device == "cpu" or num_gpus == 0:
+        return None
+    if device in ("auto", "cuda"):
+        return 0
+    if int(number) >= num_gpus:
+        raise UserError(f"--device {device}: faiss sees {num_gpus} GPU(s)")
+    return int(number)
 
-    def __init__(self, templates: np.ndarray, distractors: np.ndarray | None = None) -> None:
+
+class Gallery:
+    """Unit gallery vectors (templates, then optional distractors) behind a faiss IndexFlatIP,
+    copied to the GPU :func:`faiss_gpu` picks for ``device``."""
+
+    def __init__(self, templates: np.ndarray, distractors: np.ndarray | None = None,
+                 device: str = "auto") -> None:
         import faiss
 
         self.templates = np.asarray(templates, np.float64)
@@ -54,10 +73,11 @@ class Gallery:
                 self.cpu_index.add(_unit(distractors[start:start + ADD_CHUNK]).astype(np.float32))
         self.size = self.cpu_index.ntotal
         self.gpu_index = None
-        if faiss.get_num_gpus() > 0:
+        gpu = faiss_gpu(device, faiss.get_num_gpus())
+        if gpu is not None:
             self._resources = faiss.StandardGpuResources()
-            self.gpu_index = faiss.index_cpu_to_gpu(self._resources, 0, self.cpu_index)
-            log.info("faiss search on the GPU (%d gallery vectors)", self.size)
+            self.gpu_index = faiss.index_cpu_to_gpu(self._resources, gpu, self.cpu_index)
+            log.info("faiss search on GPU %d (%d gallery vectors)", gpu, self.size)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         k = min(k, self.size)

@@ -116,6 +116,13 @@ def test_features_with_wrong_row_count(run_cli, ijb_copy):
     assert_one_line_error(result, "f.npy: 3 feature rows", "ijbc_face_tid_mid.txt lists")
 
 
+def test_bad_device_for_the_faiss_search(run_cli, ijb_copy):
+    """Given features, --device still picks where faiss searches, so it is checked there."""
+    result = run_cli("evaluate", "ijbc", "--root", ijb_copy, "--features", _features(ijb_copy),
+                     "--device", "cuda:x")
+    assert_one_line_error(result, "--device cuda:x: expected auto, cpu or cuda[:N]")
+
+
 def test_template_in_pairs_without_images(run_cli, ijb_copy):
     features = _features(ijb_copy)
     with open(ijb_copy / "meta" / "ijbc_template_pair_label.txt", "a") as f:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -11,7 +13,7 @@ from common.errors import UserError
 from evaluate import ijb
 from evaluate.pairs import pair_scores
 from evaluate.roc import roc_curve, tar_at_far
-from evaluate.search import Gallery, closed_set_metrics, mates, open_set_metrics
+from evaluate.search import Gallery, closed_set_metrics, faiss_gpu, mates, open_set_metrics
 from evaluate.templates import pool_templates
 
 
@@ -145,6 +147,20 @@ def test_closed_set_matches_reference_with_growing_k():
     assert {f"top{k}": v for k, v in ours.top.items()} == pytest.approx(
         {k: expected[k] for k in ("top1", "top5", "top10")})
     assert ours.tpir_at_fpir == pytest.approx(expected["tpir_at_fpir"])
+
+
+@pytest.mark.parametrize(("device", "num_gpus", "gpu"), [
+    ("cuda:1", 2, 1), ("cuda", 2, 0), ("auto", 2, 0), ("cpu", 2, None), ("auto", 0, None),
+    ("cuda:1", 0, None)])  # no GPU in faiss (faiss-cpu): the CPU index
+def test_faiss_searches_on_the_gpu_of_device(device, num_gpus, gpu):
+    assert faiss_gpu(device, num_gpus) == gpu
+
+
+@pytest.mark.parametrize(("device", "message"), [
+    ("cuda:2", "--device cuda:2: faiss sees 2 GPU(s)"), ("gpu1", "expected auto, cpu")])
+def test_faiss_device_errors(device, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        faiss_gpu(device, 2)
 
 
 def test_open_set_by_hand():

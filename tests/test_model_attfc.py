@@ -51,6 +51,17 @@ def test_constant_and_single_strategies() -> None:
         generate_gcc(f, K, "median")
 
 
+def test_gcc_is_fp32_under_autocast() -> None:
+    """Autocast runs einsum's matmul in bf16 (on the CPU as on CUDA); the GCC must not."""
+    torch.manual_seed(0)
+    f, K = torch.randn(4, 8), torch.randn(4, 2, 8)
+    plain, alpha = generate_gcc(f, K)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed, mixed_alpha = generate_gcc(f, K)
+    assert mixed.dtype == torch.float32
+    assert torch.equal(mixed, plain) and torch.equal(mixed_alpha, alpha)
+
+
 def test_capacity_rounds_down_to_a_multiple_of_b() -> None:
     assert dcc_capacity(93431, 0.3, 384) == 27648  # paper Table 2, MS1MV3
     assert dcc_capacity(1029950, 0.3, 384) == 308736  # paper Table 2, WebFace21M

@@ -107,3 +107,11 @@ def test_normalize_images() -> None:
     already_float = torch.full((1, 3, 1, 1), 255.0)
     normalize_images(already_float)
     assert already_float.eq(255.0).all()  # the input is never modified
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_normalize_straight_into_the_compute_dtype_rounds_once(dtype: torch.dtype) -> None:
+    """Every uint8 value comes out as the fp32 result rounded once (what autocast fed the
+    first conv before), without the fp32 copy."""
+    x = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(normalize_images(x, dtype), normalize_images(x).to(dtype))

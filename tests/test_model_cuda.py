@@ -57,3 +57,34 @@ def test_r18_attfc_bf16_step_on_cuda() -> None:
     head.after_optimizer_step(encoder)
     assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
     assert head.dcc.centers.dtype == torch.bfloat16
+
+
+def test_gcc_and_normalised_images_on_cuda_autocast() -> None:
+    """The CUDA forms of two CPU tests: the GCC stays fp32 under bf16 autocast, and images
+    normalised straight into bf16/fp16 equal the fp32 ones rounded once."""
+    from model.backbones import normalize_images
+    from model.heads.attfc import generate_gcc
+
+    f, K = torch.randn(8, 16, device="cuda"), torch.randn(8, 2, 16, device="cuda")
+    plain = generate_gcc(f, K)[0]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        mixed = generate_gcc(f, K)[0]
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, plain)
+    x = torch.arange(256, dtype=torch.uint8, device="cuda")
+    for dtype in (torch.bfloat16, torch.float16):
+        assert torch.equal(normalize_images(x, dtype), normalize_images(x).to(dtype))
+
+
+def test_partialfc_step_never_syncs_on_cuda() -> None:
+    """CUDA's sync debug mode raises on any host sync in the Partial FC forward/backward."""
+    torch.manual_seed(0)
+    head = build_head("partialfc", num_classes=5000, embedding_size=64, batch_size=32,
+                      margin=build_margin("arcface"), sample_rate=0.1).cuda()
+    features = torch.randn(32, 64, device="cuda", requires_grad=True)
+    labels = torch.randint(0, 5000, (32,), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        head(features, labels).loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -8,9 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from model.heads import HEADS, HeadOutput, build_head
 from model.heads.dcc_ce import masked_dcc_cross_entropy
+from model.heads.margin_ce import margin_cross_entropy
 from model.margins import build_margin
 
 
@@ -49,6 +51,40 @@ def test_partialfc_keeps_every_positive_and_only_sampled_rows_learn() -> None:
     touched = head.weight.grad.abs().sum(dim=1).nonzero().flatten()
     assert set(touched.tolist()) <= set(index.tolist())
     assert {3, 17} <= set(touched.tolist())
+
+
+def test_partialfc_uses_exactly_rate_or_positives_when_the_batch_is_larger() -> None:
+    """B > r·N: the sample keeps B slots (a fixed shape) but only max(r·N, #positives) are
+    used; the loss is the margin softmax over those classes alone."""
+    torch.manual_seed(0)
+    head = _build("partialfc", num_classes=50, sample_rate=0.1)  # r·N = 5
+    labels = torch.tensor([3, 3, 3, 3, 3, 3, 17, 17])  # B = 8, 2 positives
+    features = torch.randn(8, 2, requires_grad=True)
+    torch.manual_seed(1)
+    index, local = head.sample(labels)
+    assert len(index) == 8 and int((index >= 0).sum()) == 5
+    assert {3, 17} <= set(index.tolist()) and torch.equal(index[local], labels)
+    used = index[index >= 0]
+    torch.manual_seed(1)
+    loss = head(features, labels).loss
+    loss.backward()
+    cos = F.normalize(features.detach(), dim=1) @ F.normalize(head.weight[used], dim=1).T
+    expected = margin_cross_entropy(cos, torch.searchsorted(used, labels), head.margin)
+    torch.testing.assert_close(loss, expected)
+    touched = head.weight.grad.abs().sum(dim=1).nonzero().flatten()
+    assert set(touched.tolist()) <= set(used.tolist())
+
+
+@pytest.mark.parametrize("batch", [4, 8])  # B <= r·N and B > r·N
+def test_partialfc_step_needs_no_host_sync(batch: int) -> None:
+    """No op in the forward or backward has a data-dependent output size (torch.unique,
+    nonzero, boolean indexing) or reads a value back: on CUDA each would wait for the GPU.
+    CUDA's sync debug mode cannot run on a CPU; FakeTensorMode refuses exactly those ops."""
+    with FakeTensorMode():
+        head = _build("partialfc", num_classes=50, sample_rate=0.1)
+        features = torch.randn(batch, 2, requires_grad=True)
+        head(features, torch.randint(0, 50, (batch,))).loss.backward()
+        assert head.weight.grad.shape == (50, 2)
 
 
 def test_partialfc_full_rate_equals_fc() -> None:

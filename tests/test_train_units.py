@@ -50,6 +50,12 @@ def test_bad_toml_names_file_and_key(tmp_path, text, message):
     assert "bad.toml" in str(error.value)
 
 
+def test_deterministic_help_says_which_heads_it_covers():
+    """fc/partialfc's NLLLoss has no deterministic CUDA kernel: --help must not promise it."""
+    text = " ".join(build_parser().format_help().split())
+    assert "attfc only: fc and partialfc stay non-deterministic on CUDA" in text
+
+
 def test_checkpoint_roundtrip_keep_and_rng(tmp_path):
     torch.manual_seed(1)
     np.random.seed(2)
@@ -152,6 +158,32 @@ def test_nonfinite_step_is_skipped_on_the_device():
     step(batch, lr=0.1)
     assert not torch.equal(before[0], params[0]) and int(step.nonfinite_in_row) == 0
     assert step.read_loss() > 0
+
+
+def test_step_feeds_images_in_the_compute_dtype():
+    """Under bf16 the feature and class encoders get bf16 images (no fp32 copy first)."""
+    from types import SimpleNamespace
+
+    from model.backbones import get_model
+    from model.heads import build_head
+    from model.margins import build_margin
+    from train.step import TrainStep, make_optimizer
+
+    torch.manual_seed(0)
+    backbone = get_model("mbf", embedding_size=16, blocks=(1, 1, 1, 1), scale=1)
+    head = build_head("attfc", feature_encoder=backbone, num_classes=4, embedding_size=16,
+                      batch_size=2, margin=build_margin("arcface"), k=2)
+    seen = []
+    for encoder in (backbone, head.class_encoder):
+        encoder.register_forward_pre_hook(lambda _, args: seen.append(args[0].dtype))
+    params = [*backbone.parameters(), *head.parameters()]
+    step = TrainStep(backbone, head, make_optimizer(params, lr=0.1, momentum=0.9,
+                                                    weight_decay=5e-4),
+                     device="cpu", precision="bf16", channels_last=False)
+    step(SimpleNamespace(identity=torch.randint(0, 256, (2, 3, 112, 112), dtype=torch.uint8),
+                         classes=torch.randint(0, 256, (2, 2, 3, 112, 112), dtype=torch.uint8),
+                         labels=torch.tensor([0, 1]), class_image_ids=None), lr=0.1)
+    assert seen == [torch.bfloat16, torch.bfloat16]
 
 
 def test_synthetic_shards_get_a_heldout_validation_set(tmp_path):

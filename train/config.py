@@ -90,7 +90,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("compile", False, "torch.compile the feature encoder", group="speed"),
     Option("deterministic", False, "deterministic kernels (no cuDNN autotuning): a run, "
            "interrupted and resumed or not, gives bit-identical weights on the same GPU; "
-           "slower", group="speed"),
+           "slower. attfc only: fc and partialfc stay non-deterministic on CUDA (torch has "
+           "no deterministic CUDA kernel for their NLLLoss; it warns)", group="speed"),
     Option("prefetch", 2, "batches prepared ahead by a background thread (0: load in the "
            "training thread, for debugging)", group="speed"),
     Option("log_every", 50, "steps between log lines / metrics.jsonl records (the only "

@@ -80,10 +80,12 @@ class TrainStep:
         """Train on one batch; returns the head's stats (device tensors, not read back)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        images = normalize_images(batch.identity)
+        dtype = self.dtype or torch.float32  # the compute dtype: autocast has nothing to cast
+        images = normalize_images(batch.identity, dtype)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        class_images = normalize_images(batch.classes) if self.head.needs_class_images else None
+        class_images = (normalize_images(batch.classes, dtype) if self.head.needs_class_images
+                        else None)
         with self._autocast():
             features = self.forward_backbone(images)
             out = self.head(features, batch.labels, class_images)

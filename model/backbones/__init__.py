@@ -38,7 +38,11 @@ def get_model(name: str, embedding_size: int = 512, **kwargs) -> nn.Module:
 def normalize_images(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 RGB -> (x/255 - 0.5)/0.5 in [-1, 1], as insightface trains; keeps memory format.
 
-    Done on the device by the model side so the loader ships 4x fewer bytes (uint8).
+    Done on the device by the model side so the loader ships 4x fewer bytes (uint8), and
+    straight into the compute ``dtype`` (no fp32 copy for autocast to cast). In bf16/fp16,
+    x − 127.5 is exact, so each value is the fp32 result rounded once, as autocast rounds it.
     """
     scaled = images.to(dtype=dtype, copy=True, memory_format=torch.preserve_format)
-    return scaled.div_(127.5).sub_(1.0)  # in place on our own copy, never on the caller's
+    if dtype in (torch.bfloat16, torch.float16):  # in place on our own copy, never the caller's
+        return scaled.sub_(127.5).div_(127.5)
+    return scaled.div_(127.5).sub_(1.0)

@@ -59,10 +59,12 @@ def generate_gcc(f: torch.Tensor, K: torch.Tensor,  # noqa: N803 (paper's K)
                  strategy: str = "attention") -> tuple[torch.Tensor, torch.Tensor]:
     """Generative class centre w⁺ = Σ_j α_j K_j (Eq. 9) -> (w⁺ [B, D], α [B, k]).
 
-    K is not normalised; α is returned too because the head logs how much it varies.
+    K is not normalised; α is returned too because the head logs how much it varies. The sum
+    runs in fp32 on every device: autocast would otherwise run it in bf16 (its matmul).
     """
     alpha = attention_weights(f, K, strategy)
-    return torch.einsum("bk,bkd->bd", alpha, K), alpha
+    with torch.autocast(K.device.type, enabled=False):
+        return torch.einsum("bk,bkd->bd", alpha.float(), K.float()), alpha
 
 
 def dcc_capacity(num_classes: int, sample_rate: float, batch_size: int) -> int:

@@ -8,7 +8,9 @@ momentum still touch every row (as in insightface's Partial FC with a dense para
 On several ranks W is split by class range as in :mod:`model.heads.fc`. Every rank draws the
 same sample (the same RNG, the all-gathered labels as positives) and uses the sampled rows
 of its own range: per-shard sampling that keeps every positive and is, row for row, the
-sample one process with the global batch draws.
+sample one process with the global batch draws. Picking this rank's rows out of the sample
+is data-dependent in size, so the split path waits for the host once per step; the
+one-process path has fixed shapes throughout and never does.
 """
 
 from __future__ import annotations
@@ -53,19 +55,26 @@ class PartialFCHead(nn.Module):
 
     @torch.no_grad()
     def sample(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sorted class ids to use [M] (M = max(r·N, #positives)) and each label's row in them.
+        """Sorted class ids to use [M] and each label's row in them.
 
         Positives get score 2 and negatives U(0, 1), so top-M keeps every positive and fills
-        the rest uniformly at random (global torch RNG, saved by train's checkpoints).
+        the rest uniformly at random (global torch RNG, saved by train's checkpoints). M is
+        fixed by the shapes alone, max(r·N, min(B, N)), so the step never waits for the host
+        to learn a size; when B > r·N, the slots past max(r·N, #positives) in score order
+        are -1 (unused), so exactly max(r·N, #positives) classes take part.
         """
         num_classes = self.num_classes
         if self.num_sample >= num_classes:
             return torch.arange(num_classes, device=labels.device), labels
-        positives = torch.unique(labels)
-        score = torch.rand(num_classes, device=labels.device)
-        score[positives] = 2.0
-        count = max(self.num_sample, positives.numel())
-        index = torch.topk(score, count, sorted=False).indices.sort().values
+        score = torch.rand(num_classes, device=labels.device).index_fill_(0, labels, 2.0)
+        count = max(self.num_sample, min(labels.numel(), num_classes))
+        if count == self.num_sample:  # r·N ≥ B: every positive fits, every slot is used
+            index = torch.topk(score, count, sorted=False).indices
+        else:
+            top, index = torch.topk(score, count)
+            used = (top == 2.0).sum().clamp(min=self.num_sample)
+            index = torch.where(torch.arange(count, device=labels.device) < used, index, -1)
+        index = index.sort().values
         return index, torch.searchsorted(index, labels)
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor,
@@ -74,8 +83,10 @@ class PartialFCHead(nn.Module):
             return self._forward_sharded(features, labels)
         index, local = self.sample(labels)
         with torch.autocast(device_type=features.device.type, enabled=False):
-            weight = F.normalize(self.weight.index_select(0, index), dim=1)
+            weight = F.normalize(self.weight.index_select(0, index.clamp(min=0)), dim=1)
             cos = F.linear(F.normalize(features.float(), dim=1), weight)
+            if index.numel() > self.num_sample:  # unused slots take no probability
+                cos = torch.where(index >= 0, cos, float("-inf"))
             return HeadOutput(margin_cross_entropy(cos, local, self.margin))
 
     def _forward_sharded(self, features: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
