@@ -30,7 +30,6 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from multiprocessing.pool import Pool
 from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 from typing import Any
@@ -60,6 +59,7 @@ from data_engine.writing.shardwriter import (
     write_shard,
 )
 from data_engine.writing.sources import SOURCES, Identity, Scan, Source, build_source
+from data_engine.writing.workers import Workers
 from synthetic.casting import BENCHMARK_FIRST
 
 log = logging.getLogger("data_engine.shard")
@@ -178,20 +178,13 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def _pool_context() -> mp.context.BaseContext:
-    # fork starts workers in milliseconds; data_engine holds no threads or GPU state.
-    methods = mp.get_all_start_methods()
-    return mp.get_context("fork" if "fork" in methods else "spawn")
-
-
 def _scan(source: Source, workers: int) -> Scan:
     started = time.monotonic()
-    with _pool_context().Pool(workers, initializer=init_worker,
-                              initargs=(None, None, None)) as pool:
+    with Workers(workers, init_worker, (None, None, None)) as pool:
 
         def imap(function: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
             tasks = list(items)
-            results = pool.imap(function, tasks)
+            results = pool.map(function, tasks, lambda _: "scanning the source")
             # A small root scans in well under a second; a bar would only add log noise.
             return (_counted(results, len(tasks), "scanning", "tasks")
                     if len(tasks) > _SCAN_PROGRESS_MIN_TASKS else results)
@@ -218,15 +211,14 @@ def _write(source: Source, scan: Scan, plans: list[ShardPlan], out: Path,
     Workers only write; this process fsyncs and renames finished shards in a thread, so disk
     writeback overlaps the work on the next shards instead of stalling a worker.
     """
-    context = _pool_context()
-    counter = context.Value("q", 0)
+    counter = mp.Value("q", 0)
     options = WriteOptions(out, args.verify, args.on_mismatch, args.excluded)
     shards: list[ShardSummary | None] = [None] * len(plans)
     with ThreadPoolExecutor(2, thread_name_prefix="commit") as committer, \
-            context.Pool(args.workers, initializer=init_worker,
-                         initargs=(source, options, counter)) as pool:
+            Workers(args.workers, init_worker, (source, options, counter)) as pool:
         existing = [plan for plan in plans if layout.sidecar_path(out, plan.name).is_file()]
-        checks = pool.imap(finished_shard, [(out, plan) for plan in existing])
+        checks = pool.map(finished_shard, [(out, plan) for plan in existing],
+                          lambda job: f"checking the finished {job[1].name}")
         for plan, summary in zip(existing, _counted(checks, len(existing), "checking finished",
                                                     "shards")):
             shards[plan.index] = summary
@@ -243,27 +235,28 @@ def _write(source: Source, scan: Scan, plans: list[ShardPlan], out: Path,
     return _fix_labels([summary for summary in shards if summary is not None], out)
 
 
-def _write_jobs(jobs: list[tuple[ShardPlan, list[Identity]]], pool: Pool,
+def _write_jobs(jobs: list[tuple[ShardPlan, list[Identity]]], pool: Workers,
                 committer: ThreadPoolExecutor, counter: Synchronized,
                 out: Path) -> list[ShardSummary]:
     """Workers write the shards; each finished one is committed (fsync, rename, sidecar)
     in a thread while the bar follows the images the workers have done."""
-    results = pool.imap_unordered(write_shard, jobs)
     commits, written = [], set()
     with Progress(sum(plan.num_files for plan, _ in jobs), "sharding", unit="img") as bar:
-        while len(commits) < len(jobs):
-            try:
-                meta = results.next(0.5)
-            except mp.TimeoutError:
-                meta = None
-            except OSError as error:
-                raise _out_of_space(error, [plan for plan, _ in jobs
-                                            if plan.index not in written], out) from None
-            if meta is not None:
+
+        def follow() -> None:
+            bar.update(counter.value - bar.count)
+
+        results = pool.map(write_shard, jobs, lambda job: f"writing {job[0].name}",
+                           ordered=False, tick=follow)
+        try:
+            for meta in results:
                 written.add(meta["index"])
                 commits.append(committer.submit(commit_shard, out, meta))
                 bar.set_postfix(f"{len(commits)}/{len(jobs)} shards")
-            bar.update(counter.value - bar.count)
+                follow()
+        except OSError as error:
+            raise _out_of_space(error, [plan for plan, _ in jobs
+                                        if plan.index not in written], out) from None
         return [commit.result() for commit in commits]
 
 

@@ -6,6 +6,7 @@ before stays valid, the message is one line naming the file, and the exit code.
 | fault                                       | test                                              |
 |---------------------------------------------|---------------------------------------------------|
 | kill -9 while a shard is written            | test_kill9_while_writing_a_shard                  |
+| one sharding worker killed (OOM killer)     | test_one_sharding_worker_killed                   |
 | disk full while sharding                    | test_disk_full_while_sharding                     |
 | read-only output directory                  | test_read_only_output_directory[shard, train]     |
 | shard truncated after sharding              | test_truncated_shard_stops_train_before_step_one  |
@@ -155,6 +156,34 @@ def test_kill9_while_writing_a_shard(sharded, tmp_path):
     assert "already done" in rerun.stderr
     assert output_bytes(out) == output_bytes(sharded)
     assert not list(out.glob(".*"))  # the killed writer's temp file is gone
+
+
+@pytest.mark.slow
+def test_one_sharding_worker_killed(sharded, tmp_path):
+    """What the out-of-memory killer does: one of two workers SIGKILLed at its first write to
+    shard 5. The job ends by itself with one line naming the worker and the shard (it used
+    to wait forever for the lost task); the shards finished before are intact, and the rerun
+    completes the folder byte-identical to an uninterrupted run."""
+    out = tmp_path / "shards"
+    log = tmp_path / "strace.txt"
+    prefix = strace_kill_prefix(out / ".shard-000005.tar.tmp", "write", log)
+    two_workers = [*SHARD[:-1], "2"]
+    assert SHARD[-2] == "--workers"
+    result = subprocess.run([*prefix, sys.executable, "-m", "data_engine.shard", *two_workers,
+                             "--out", str(out)], capture_output=True, text=True, timeout=300,
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **THREADS})
+    assert "killed by SIGKILL" in log.read_text()
+    line = last_error_line(result, "data_engine.shard")
+    assert re.search(r"sharding worker \d+ was killed by SIGKILL .*while writing "
+                     r"shard-000005\.tar; rerun", line), line
+    # Shards 0-4 were taken before shard 5, and at most one of them was still in the other
+    # worker's hands: at least four were finished, and they are kept.
+    assert len(_shards_intact(out)) >= 4
+    assert not (out / "manifest.json").exists()
+
+    _ok(cli("data_engine.shard", *two_workers, "--out", out))
+    assert output_bytes(out) == output_bytes(sharded)
+    assert not list(out.glob(".*"))
 
 
 @pytest.mark.slow
