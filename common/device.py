@@ -1,8 +1,17 @@
-"""Device choice shared by train and evaluate: the GPU when there is one."""
+"""Device choice shared by train and evaluate: the GPU when there is one; the usable cores."""
 
 from __future__ import annotations
 
+import os
+
 from common.errors import UserError
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (respects taskset/cgroup affinity, unlike cpu_count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def resolve_device(name: str = "auto") -> str:

@@ -42,6 +42,7 @@ from common.cli import (
     run_cli,
     setup_logging,
 )
+from common.device import usable_cores
 from common.errors import UserError
 from common.files import WriteError, environment_error, write_error
 from common.progress import Progress
@@ -78,13 +79,6 @@ def byte_size(value: str) -> int:
     return size
 
 
-def _usable_cores() -> int:
-    """Cores this process may run on (respects taskset/cgroup affinity, unlike cpu_count)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m data_engine.shard", description=__doc__,
                             formatter_class=_HelpFormatter)
@@ -107,7 +101,7 @@ def build_parser() -> ArgumentParser:
                         help=f"images that are not {IMAGE_SIZE}x{IMAGE_SIZE} colour JPEGs "
                              f"(PNG, grey, CMYK, other sizes): convert to a {IMAGE_SIZE}x"
                              f"{IMAGE_SIZE} JPEG, or list them in rejected.tsv")
-    parser.add_argument("--workers", type=positive_int, default=_usable_cores(), metavar="N",
+    parser.add_argument("--workers", type=positive_int, default=usable_cores(), metavar="N",
                         help="worker processes, all usable cores by default (the output "
                              "does not depend on it)")
     parser.add_argument("--overwrite", action="store_true",

@@ -41,6 +41,21 @@ def small_disk(path: Path, size: int, *, read_only: bool = False) -> Iterator[Pa
         subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
 
 
+def small_dev_shm_prefix(size: int) -> list[str]:
+    """A command prefix that runs the command in a mount namespace of its own whose /dev/shm
+    is a tmpfs of ``size`` bytes (a container's small shared memory), leaving this machine's
+    /dev/shm alone. Skips where that is forbidden."""
+    mount = f"mount -t tmpfs -o size={size} tmpfs /dev/shm"
+    try:
+        probe = subprocess.run(["unshare", "-m", "sh", "-c", mount], capture_output=True,
+                               text=True, timeout=30)
+    except FileNotFoundError:
+        pytest.skip("needs unshare (util-linux) for a small /dev/shm")
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a small /dev/shm here ({probe.stderr.strip()})")
+    return ["unshare", "-m", "sh", "-c", f'{mount} && exec "$@"', "sh"]
+
+
 def resize_disk(path: Path, size: int) -> None:
     """Grow a :func:`small_disk`: the user freed space."""
     done = _mount("-o", f"remount,size={size}", str(path))

@@ -24,6 +24,7 @@ before stays valid, the message is one line naming the file, and the exit code.
 | kill -9 while evaluate commits its cache    | test_kill9_while_evaluate_commits_its_cache       |
 | non-finite loss past --max-nonfinite        | test_train_cli.py: test_nonfinite_losses_stop_... |
 | damaged image met in training               | test_train_cli.py: test_corrupt_image_stops_...   |
+| /dev/shm too small for the loader           | test_dev_shm_too_small_for_the_loader             |
 | Ctrl-C while sharding, damaged shard rerun  | test_shard_resume.py (both tests)                 |
 """
 
@@ -49,6 +50,7 @@ from tests.fault_helpers import (
     last_error_line,
     resize_disk,
     run_until_killed,
+    small_dev_shm_prefix,
     small_disk,
     strace_kill_prefix,
     tree_bytes,
@@ -234,6 +236,22 @@ def test_truncated_shard_stops_train_before_step_one(data, tmp_path):
     assert f"{shard}: {recorded - 10240} bytes, manifest.json says {recorded}" in line, line
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before the first step
     assert tree_bytes(shards) == before
+
+
+@pytest.mark.slow
+def test_dev_shm_too_small_for_the_loader(data, tmp_path):
+    """A container's small /dev/shm (here a real 1 MiB tmpfs in a mount namespace of the
+    run's own) cannot hold the torch loader's shared batch buffers (5 of 0.3 MiB): train
+    stops before step one with one line naming /dev/shm and --workers."""
+    prefix = small_dev_shm_prefix(1 << 20)
+    result = subprocess.run([*prefix, sys.executable, "-m", "train", "--shards",
+                             str(data / "shards"), "--output", str(tmp_path / "run"), *TINY,
+                             "--max-steps", "2"], capture_output=True, text=True, timeout=300,
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **THREADS})
+    line = last_error_line(result, "train")
+    assert line.startswith("train: error: /dev/shm: no room for the torch loader's 5 batch "
+                           "buffers") and "pass fewer --workers" in line, line
+    assert not list((tmp_path / "run").glob("checkpoints/*"))
 
 
 @pytest.mark.slow

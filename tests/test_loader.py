@@ -209,6 +209,23 @@ def test_dali_pipeline_options_follow_its_version() -> None:
     assert (cpu["device"], cpu["adjust_orientation"]) == ("cpu", False)
 
 
+def test_default_workers_are_a_share_of_the_cores_capped_per_gpu(
+        shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --workers each process decodes with its share of the node's cores, at most
+    12: on a 224-thread GPU host, 12 torch workers (16 pinned batch buffers) or 12 DALI
+    threads per rank instead of 224. The core count stands in for such a host."""
+    from data_engine.loading import loader as loader_module
+
+    def workers(cores: int, local_ranks: int) -> int:
+        monkeypatch.setattr(loader_module, "usable_cores", lambda: cores)
+        return loader_module.default_workers(local_ranks)
+
+    assert [workers(224, 1), workers(224, 8), workers(48, 8), workers(2, 4)] == [12, 12, 6, 1]
+    monkeypatch.setattr(loader_module, "usable_cores", lambda: 224)
+    built = build_loader(shards, 4, K, seed=0, backend="torch", device="cpu", local_ranks=8)
+    assert built.workers == 12
+
+
 def test_backend_choice() -> None:
     from common.errors import UserError
     from data_engine.loading.loader import resolve_backend

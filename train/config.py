@@ -15,7 +15,7 @@ from typing import Any
 
 from common.cli import ArgumentParser
 from common.errors import UserError
-from data_engine.loading.loader import BACKENDS
+from data_engine.loading.loader import BACKENDS, MAX_DEFAULT_WORKERS
 from model.names import HEADS, MARGINS, NETWORKS, STRATEGIES, UPDATE_ORDERS
 
 
@@ -42,7 +42,9 @@ OPTIONS: tuple[Option, ...] = (
            "to validate on; 'auto': for synthetic shards a held-out synthetic set written to "
            "RUN/val, else none; 'none': no validation", group="data"),
     Option("backend", "auto", "loader backend", BACKENDS, group="data"),
-    Option("workers", 0, "loader decode workers (0: the loader's choice)", group="data"),
+    Option("workers", 0, "loader decode workers, processes (torch) or threads (DALI); 0: "
+           f"this process's share of the usable cores, at most {MAX_DEFAULT_WORKERS}",
+           group="data"),
     Option("skip_bad", False, "replace an unreadable image by another of its identity and "
            "count it, instead of stopping with an error naming the shard and offset",
            group="data"),

@@ -185,17 +185,11 @@ class Trainer:
         k = c["k"] if head_class(c["head"]).needs_class_images else 0
         self.loader = build_loader(c["shards"], c["batch_size"], k, seed=c["seed"],
                                    epoch=epoch, start_step=start_step, backend=c["backend"],
-                                   device=self.device, workers=c["workers"] or self._workers(),
+                                   device=self.device, workers=c["workers"] or None,
+                                   local_ranks=self.world.local_world_size,
                                    skip_bad=c["skip_bad"], reuse=self.loader,
                                    rank=self.world.rank, world_size=self.world.world_size)
         return self.loader
-
-    def _workers(self) -> int | None:
-        """Default decode workers: the loader's (all CPUs) alone, a share per rank under
-        torchrun (its ranks on one node split the node's CPUs)."""
-        if not self.world.launched:
-            return None
-        return max(1, (os.cpu_count() or 1) // self.world.local_world_size)
 
     def _build_model(self, *, fresh: bool
                      ) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.SGD]:

@@ -7,12 +7,11 @@ imports the backends, and it stays importable without torch or DALI.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common.device import resolve_device
+from common.device import resolve_device, usable_cores
 from common.errors import UserError
 from data_engine.loading.epoch_plan import EpochPlan
 from data_engine.loading.image_source import ImageSource
@@ -22,6 +21,17 @@ if TYPE_CHECKING:
     from data_engine.loading.batch import Batch
 
 BACKENDS = ("auto", "dali", "torch")
+# Default decode workers per GPU process at most. At ~90 CPU-µs per image (BENCHMARKS.md)
+# 12 cores decode over 100k images/s, far beyond one GPU's step; more only add a pinned
+# batch buffer each (torch backend) and threads fighting other ranks for cores.
+MAX_DEFAULT_WORKERS = 12
+
+
+def default_workers(local_ranks: int = 1) -> int:
+    """Decode workers (torch processes, DALI threads) when none are asked for: this process's
+    share of the node's usable cores (``local_ranks`` processes on the node), at most
+    :data:`MAX_DEFAULT_WORKERS`."""
+    return max(1, min(MAX_DEFAULT_WORKERS, usable_cores() // max(1, local_ranks)))
 
 
 class Loader:
@@ -119,13 +129,14 @@ def build_loader(shards_dir: str | Path, batch_size: int, k: int, *, seed: int, 
                  start_step: int = 0, backend: str = "auto", device: str = "auto",
                  workers: int | None = None, drop_last: bool = True,
                  skip_bad: bool = False, reuse: Loader | None = None, rank: int = 0,
-                 world_size: int = 1) -> Loader:
+                 world_size: int = 1, local_ranks: int = 1) -> Loader:
     """Loader for one epoch of (identity image, k class images, label) batches.
 
     The batches are a function of (seed, epoch) only; ``start_step`` resumes mid-epoch with
     exactly the steps an uninterrupted run would see. ``backend``: torch, dali, or auto
     (dali on CUDA when installed, else torch). ``workers``: decode processes (torch; 0 =
-    decode in this process) or DALI threads; default the CPU count. ``skip_bad``: replace
+    decode in this process) or DALI threads; default :func:`default_workers` of
+    ``local_ranks`` (the processes on this node sharing its cores). ``skip_bad``: replace
     unreadable images by another image of the same identity and count them
     (``Loader.skipped``) instead of raising :class:`DataError`. ``reuse``: the loader of an
     earlier epoch of the same run, whose decode workers this one takes over (forked and
@@ -145,6 +156,8 @@ def build_loader(shards_dir: str | Path, batch_size: int, k: int, *, seed: int, 
                         "face crops (112x112)")
     source = ImageSource(Path(shards_dir), int(height), skip_bad, reader)
     device = resolve_device(device)
+    if workers is None:
+        workers = default_workers(local_ranks)
     return Loader(plan, source, start_step=start_step, backend=resolve_backend(backend, device),
-                  device=device, workers=(os.cpu_count() or 1) if workers is None else workers,
-                  num_classes=reader.num_identities, reuse=reuse)
+                  device=device, workers=workers, num_classes=reader.num_identities,
+                  reuse=reuse)

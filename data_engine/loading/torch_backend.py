@@ -36,12 +36,14 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
+from common.errors import UserError, first_line
 from data_engine.loading.batch import Batch, batch_from_pixels
 from data_engine.loading.cpu_decode import decode_step
 from data_engine.loading.epoch_plan import EpochPlan, StepPlan
 from data_engine.loading.image_source import DataError, ImageSource
 
 _POLL_S = 1.0  # how often the parent checks that workers are alive while it waits
+_SHM = "/dev/shm"  # where torch's shared memory lives (shm_open)
 
 
 class CudaCallError(RuntimeError):
@@ -134,6 +136,20 @@ class _Slot:
         return sys.getrefcount(self.array) <= self.idle_refs
 
 
+def _no_shared_memory(error: RuntimeError, count: int, nbytes: int) -> UserError:
+    """The one line for a /dev/shm too small for the slot ring (a container's default is
+    64 MB): what it needs, what is free, and the two ways out."""
+    try:
+        stat = os.statvfs(_SHM)
+        free = f"{stat.f_bavail * stat.f_frsize / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return UserError(f"{_SHM}: no room for the torch loader's {count} batch buffers "
+                     f"({count * nbytes / 2**20:.1f} MiB, {free}; {first_line(error)}); "
+                     f"pass fewer --workers (each adds a buffer of {nbytes / 2**20:.1f} MiB) "
+                     "or give the container more shared memory (docker run --shm-size 2g)")
+
+
 def _shared_uint8(shape: tuple[int, ...]) -> torch.Tensor:
     """A uint8 tensor in shared memory, visible to workers forked or spawned after it."""
     storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
@@ -149,7 +165,13 @@ class _Pool:
                  gpu: torch.device | None) -> None:
         self.shape = shape
         self.depth = workers + 2  # steps in flight: every worker busy, the next ones queued
-        self.slots = [_Slot(shape) for _ in range(self.depth + 2)]
+        count = self.depth + 2
+        try:
+            self.slots = [_Slot(shape) for _ in range(count)]
+        except RuntimeError as error:  # torch's words for a full /dev/shm
+            if "shared memory" not in str(error):
+                raise
+            raise _no_shared_memory(error, count, int(np.prod(shape))) from None
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         self.tasks, self.results = ctx.Queue(), ctx.Queue()
         self.procs = [ctx.Process(target=_worker, daemon=True,
