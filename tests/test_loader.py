@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from data_engine.loading.image_source import DataError
 from data_engine.loading.loader import build_loader
 from data_engine.loading.reader import ShardReader
 from synthetic.faces import encode_jpeg, render_face
-from tests.conftest import run_module
+from tests.conftest import REPO, run_module
 
 # Image counts per identity, k=2: alone, fewer than k others, exactly k, more than k.
 COUNTS = [1, 2, 3, 4, 6, 9] * 8  # 48 identities, 200 images
@@ -191,19 +192,27 @@ def test_dali_ignores_exif_orientation_like_the_cpu_decode(tmp_path: Path) -> No
         assert diff <= PIXEL_TOLERANCE, (name, diff)
 
 
-def test_dali_pipeline_options_follow_its_version() -> None:
-    """exec_dynamic only where DALI has it (>= 1.44; NGC containers ship older ones), EXIF
-    orientation off and the mixed decoder's threads not pinned to cores."""
+def test_dali_older_than_the_pyproject_bound_is_not_used() -> None:
+    """exec_dynamic needs DALI >= 1.44 (NGC containers ship older ones, where the first epoch
+    died with a TypeError): pyproject.toml requires it, and an older DALI found installed is
+    refused by name (auto falls back to the torch backend)."""
+    from data_engine.loading.loader import MIN_DALI, dali_version_problem
+
+    versions = ("1.30.0", "1.43.1", "1.44.0", "1.44.0.dev20240801", "2.4.0")
+    assert [dali_version_problem(v) is None for v in versions] == [False, False, True, True,
+                                                                   True]
+    assert "DALI 1.43.1 is older than 1.44" in dali_version_problem("1.43.1")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    (dali,) = [d for d in project["dependencies"] if d.startswith("nvidia-dali")]
+    assert dali.split(";")[0].endswith(f">={MIN_DALI[0]}.{MIN_DALI[1]}"), dali
+
+
+def test_dali_decoder_options() -> None:
+    """EXIF orientation off on both decoders; the mixed decoder's threads not pinned to
+    cores (every torchrun rank would pin its threads to the same first cores)."""
     pytest.importorskip("nvidia.dali")
-    from data_engine.loading.dali_backend import decoder_options, pipeline_options
+    from data_engine.loading.dali_backend import decoder_options
 
-    def dynamic(version: str) -> bool:
-        options = pipeline_options(version, batch_size=6, threads=3, device_id=None)
-        assert (options["batch_size"], options["num_threads"]) == (6, 3)
-        return options.get("exec_dynamic", False)
-
-    assert [dynamic(v) for v in ("1.30.0", "1.43.1", "1.44.0", "1.44.0.dev20240801", "2.4.0")
-            ] == [False, False, True, True, True]
     gpu, cpu = decoder_options(True, 112), decoder_options(False, 112)
     assert (gpu["device"], gpu["affine"], gpu["adjust_orientation"]) == ("mixed", False, False)
     assert (cpu["device"], cpu["adjust_orientation"]) == ("cpu", False)

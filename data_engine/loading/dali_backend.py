@@ -14,13 +14,11 @@ with ``skip_bad``, replaced exactly as the torch backend replaces it.
 
 from __future__ import annotations
 
-import re
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-import nvidia.dali
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import feed_ndarray
@@ -29,27 +27,6 @@ from data_engine.loading.batch import Batch, batch_from_pixels
 from data_engine.loading.cpu_decode import decode_into
 from data_engine.loading.epoch_plan import EpochPlan, StepPlan
 from data_engine.loading.image_source import ImageSource
-
-DYNAMIC_EXECUTOR_SINCE = (1, 44)  # the first DALI release that accepts exec_dynamic
-
-
-def pipeline_options(dali_version: str, *, batch_size: int, threads: int,
-                     device_id: int | None) -> dict[str, Any]:
-    """``pipeline_def`` arguments for this DALI version: the dynamic executor where there is
-    one (older releases, e.g. in NGC containers, reject the argument with a TypeError)."""
-    options: dict[str, Any] = {"batch_size": batch_size, "num_threads": threads,
-                               "device_id": device_id, "prefetch_queue_depth": 2}
-    if _major_minor(dali_version) >= DYNAMIC_EXECUTOR_SINCE:
-        options["exec_dynamic"] = True
-    return options
-
-
-def _major_minor(version: str) -> tuple[int, int]:
-    """(1, 44) from "1.44.0", "1.44.0.dev20240801" or "2.4"."""
-    match = re.match(r"(\d+)\.(\d+)", version)
-    if match is None:
-        raise ValueError(f"not a DALI version: {version!r}")
-    return int(match.group(1)), int(match.group(2))
 
 
 def decoder_options(gpu: bool, size: int) -> dict[str, Any]:
@@ -132,9 +109,9 @@ class DaliBatches:
                      else torch.cuda.current_device()) if gpu else None
         decoder = decoder_options(gpu, size)
 
-        @pipeline_def(**pipeline_options(nvidia.dali.__version__,
-                                         batch_size=(plan.k + 1) * plan.batch_size,
-                                         threads=max(1, self.workers), device_id=device_id))
+        @pipeline_def(batch_size=(plan.k + 1) * plan.batch_size,
+                      num_threads=max(1, self.workers), device_id=device_id,
+                      prefetch_queue_depth=2, exec_dynamic=True)
         def decode_steps():
             jpegs, flips = fn.external_source(source=feeder, num_outputs=2, batch=True,
                                               dtype=[types.UINT8, types.INT32])

@@ -7,6 +7,8 @@ imports the backends, and it stays importable without torch or DALI.
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,7 +22,12 @@ from data_engine.loading.reader import ShardReader
 if TYPE_CHECKING:
     from data_engine.loading.batch import Batch
 
+log = logging.getLogger(__name__)
+
 BACKENDS = ("auto", "dali", "torch")
+# The oldest DALI the DALI backend runs on, as pyproject.toml requires: the first release
+# with the dynamic executor (exec_dynamic); NGC containers may ship an older one.
+MIN_DALI = (1, 44)
 # Default decode workers per GPU process at most. At ~90 CPU-µs per image (BENCHMARKS.md)
 # 12 cores decode over 100k images/s, far beyond one GPU's step; more only add a pinned
 # batch buffer each (torch backend) and threads fighting other ranks for cores.
@@ -116,13 +123,31 @@ def resolve_backend(name: str, device: str) -> str:
     if name == "torch" or (name == "auto" and not device.startswith("cuda")):
         return "torch"
     try:
-        import nvidia.dali  # noqa: F401
+        import nvidia.dali
     except ImportError as error:
         if name == "dali":
             raise UserError(f"backend dali: cannot import nvidia.dali ({error}); "
                             "install nvidia-dali-cuda120 or use backend torch") from error
         return "torch"
-    return "dali"
+    problem = dali_version_problem(nvidia.dali.__version__)
+    if problem is None:
+        return "dali"
+    if name == "dali":
+        raise UserError(f"backend dali: {problem}; upgrade it (pip install -U "
+                        "nvidia-dali-cuda120) or use backend torch")
+    log.warning("backend auto: %s; using the torch backend", problem)
+    return "torch"
+
+
+def dali_version_problem(version: str) -> str | None:
+    """Why this DALI release cannot run the DALI backend (too old), or None."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None:
+        return f"unrecognised DALI version {version!r}"
+    if (int(match.group(1)), int(match.group(2))) < MIN_DALI:
+        return (f"DALI {version} is older than {MIN_DALI[0]}.{MIN_DALI[1]}, the first "
+                "with the dynamic executor")
+    return None
 
 
 def build_loader(shards_dir: str | Path, batch_size: int, k: int, *, seed: int, epoch: int = 0,
