@@ -49,6 +49,7 @@ from common.progress import Progress
 from data_engine import layout
 from data_engine.writing import output_folder
 from data_engine.writing.images import IMAGE_SIZE, ON_MISMATCH, VERIFY_LEVELS
+from data_engine.writing.merge import apply_merges, merge_sha256, read_merge
 from data_engine.writing.plan import ShardPlan, plan_shards
 from data_engine.writing.shardwriter import (
     ShardSummary,
@@ -108,10 +109,18 @@ def build_parser() -> ArgumentParser:
                         help="replace the shards in a non-empty --out holding another dataset")
     parser.add_argument("--exclude", type=existing_file, metavar="FILE.tsv",
                         help="leave out the images listed here (first tab-separated column: "
-                             "the source path as in rejected.tsv, or <identity>/<image name>; "
-                             "a 'path' header and # lines are skipped), e.g. the TSV of "
-                             "python -m evaluate noise cut to the rows to drop; they go to "
-                             "rejected.tsv with reason 'excluded'")
+                             "the source path as in rejected.tsv, <identity>/<image name>, "
+                             "or an identity name for all its images; a header and # lines "
+                             "are skipped), e.g. the TSV of python -m evaluate noise cut to "
+                             "the rows to drop, or overlap.tsv of python -m evaluate "
+                             "duplicates; they go to rejected.tsv with reason 'excluded' or "
+                             "'excluded identity'")
+    parser.add_argument("--merge", type=existing_file, metavar="FILE.tsv",
+                        help="shard the identities named in each line's first two columns "
+                             "under one label (the first name in sorted order; the other's "
+                             "photos as <name>/<image name>), e.g. duplicates.tsv of python "
+                             "-m evaluate duplicates cut to the pairs to merge; listed in "
+                             "manifest.json as merged_identities")
     synthetic = parser.add_argument_group("synthetic source")
     synthetic.add_argument("--identities", type=positive_int, default=1000, metavar="N",
                            help="number of generated people")
@@ -153,7 +162,7 @@ def read_exclude(path: Path) -> frozenset[str]:
     except (OSError, UnicodeDecodeError) as error:
         raise UserError(f"--exclude {path}: cannot read ({error})") from None
     keys = {line.split("\t", 1)[0] for line in lines if line.strip() and not line.startswith("#")}
-    keys.discard("path")
+    keys -= {"path", "identity"}  # the headers of noise.tsv and overlap.tsv
     return frozenset(keys)
 
 
@@ -169,6 +178,8 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     if args.excluded:  # only then: the fingerprint of a run without --exclude is unchanged
         options["exclude_sha256"] = hashlib.sha256(
             "\n".join(sorted(args.excluded)).encode()).hexdigest()
+    if args.merges:  # likewise for --merge
+        options["merge_sha256"] = merge_sha256(args.merges)
     return options
 
 
@@ -281,6 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     args.excluded = read_exclude(args.exclude) if args.exclude else frozenset()
+    args.merges = read_merge(args.merge) if args.merge else []
     source = build_source(args)
     options = _options(args)
     run = {"source": source.describe(), "options": options,
@@ -290,6 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     try:
         scan = _scan(source, args.workers)
+        if args.merges:
+            scan = apply_merges(scan, args.merges, args.merge)
         plans = plan_shards(scan.identities, args.shard_size, run["fingerprint"])
         output_folder.remove_stale_shards(out, {plan.name for plan in plans})
         shards = _write(source, scan, plans, out, args)

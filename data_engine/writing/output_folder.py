@@ -205,6 +205,9 @@ def write_outputs(out: Path, run: dict[str, Any], scan: Scan,
                     "num_images": len(s.offsets), "bytes": s.bytes, "sha256": s.sha256}
                    for s in shards],
     }
+    if scan.merged:  # only then: manifests of runs without --merge are unchanged
+        manifest["merged_identities"] = [{"name": name, "into": into}
+                                         for name, into in scan.merged]
     fsync_dir(out)  # shards and index are durable before the manifest says "complete"
     _write_text(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     fsync_dir(out)

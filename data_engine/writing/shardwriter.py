@@ -34,7 +34,8 @@ class WriteOptions:
     out: Path
     verify: str
     on_mismatch: str
-    # Source paths or "<identity>/<image name>" keys to leave out (reason "excluded").
+    # Source paths or "<identity>/<image name>" keys to leave out (reason "excluded"), or
+    # identity names whose photos all stay out (reason "excluded identity").
     exclude: frozenset[str] = frozenset()
 
 
@@ -131,23 +132,30 @@ def write_shard(job: tuple[ShardPlan, list[Identity]]) -> Meta:
         label = plan.label_base
         for identity in identities:
             names, images, infos = [], [], []
-            for name, path, data, error, info in source.read_identity(identity):
-                if exclude and (path in exclude or f"{identity.name}/{name}" in exclude):
-                    rejected.append([path, "excluded"])
-                    continue
-                if data is None:
-                    rejected.append([path, error])
-                    continue
-                try:
-                    jpeg, converted = prepare(data, verify=verify, on_mismatch=on_mismatch)
-                except RejectedImageError as reason:
-                    rejected.append([path, str(reason)])
-                    continue
-                if converted:
-                    meta["num_converted"] += 1
-                names.append(name)
-                images.append(jpeg)
-                infos.append(info)
+            for member in identity.members or (identity,):
+                # Photos of a name merged into this identity keep that name as a prefix.
+                prefix = "" if member.name == identity.name else f"{member.name}/"
+                whole = member.name in exclude
+                for name, path, data, error, info in source.read_identity(member):
+                    if whole:
+                        rejected.append([path, "excluded identity"])
+                        continue
+                    if exclude and (path in exclude or f"{member.name}/{name}" in exclude):
+                        rejected.append([path, "excluded"])
+                        continue
+                    if data is None:
+                        rejected.append([path, error])
+                        continue
+                    try:
+                        jpeg, converted = prepare(data, verify=verify, on_mismatch=on_mismatch)
+                    except RejectedImageError as reason:
+                        rejected.append([path, str(reason)])
+                        continue
+                    if converted:
+                        meta["num_converted"] += 1
+                    names.append(prefix + name)
+                    images.append(jpeg)
+                    infos.append(info)
             with counter.get_lock():
                 counter.value += identity.num_files
             if not images:

@@ -26,6 +26,8 @@ class Identity:
     num_bytes: int
     digest: str
     ref: int = 0  # source-private handle (record-range index, synthetic identity number)
+    # Identities merged into this one (itself first), read in turn; empty: just itself.
+    members: tuple[Identity, ...] = ()
 
 
 class SourceFile(NamedTuple):  # a tuple: built once per image, so it must be cheap
@@ -43,6 +45,7 @@ class Scan:
     identities: list[Identity]  # sorted by name, each with at least one file
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     empty: list[str] = field(default_factory=list)  # identity names with no files at all
+    merged: list[tuple[str, str]] = field(default_factory=list)  # (name, merged into) --merge
 
 
 class Source(ABC):
