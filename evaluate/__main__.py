@@ -6,6 +6,8 @@
   report RUN                RUN/report.md with plots and the paper-format results table
   noise RUN                 RUN/noise/: photos attention found least like their label (TSV,
                             thumbnails; precision/recall at K on planted synthetic noise)
+  duplicates RUN            RUN/duplicates/: identity names showing one person, and (with
+                            --against) training people who are in the evaluation sets
 """
 
 from __future__ import annotations
@@ -117,10 +119,55 @@ def build_parser() -> ArgumentParser:
                        help="the run's shards (default: 'shards' in RUN/config.toml)")
     noise.add_argument("--thumbnails", type=positive_int, default=24,
                        help="suspects shown on the thumbnail page")
+    _add_duplicates(commands)
     report = commands.add_parser("report", help="write RUN/report.md with plots for a run")
     report.add_argument("run", type=existing_dir, metavar="RUN",
                         help="training run directory (evaluations read from RUN/eval/*.json)")
     return parser
+
+
+def _add_duplicates(commands) -> None:
+    from evaluate.duplicates import DEFAULT_Z
+
+    sub = commands.add_parser("duplicates", help="identity names showing one person and "
+                              "overlap with evaluation sets, by faiss over identity centres "
+                              "(RUN/duplicates/)")
+    sub.add_argument("run", type=existing_dir, metavar="RUN", help="training run with model.pt")
+    sub.add_argument("--shards", type=existing_dir,
+                     help="the run's shards (default: 'shards' in RUN/config.toml)")
+    sub.add_argument("--model", type=existing_file, help="default RUN/model.pt")
+    sub.add_argument("--out", type=Path, help="output folder (default RUN/duplicates)")
+    sub.add_argument("--against", type=Path, action="append", metavar="PATH",
+                     help="an insightface .bin, an IJB root, or a folder of them; repeatable")
+    sub.add_argument("--neighbours", type=positive_int, default=10,
+                     help="nearest identities searched per identity")
+    sub.add_argument("--z", type=float, default=DEFAULT_Z,
+                     help="robust z-score cut among the nearest-neighbour cosines")
+    sub.add_argument("--threshold", type=float, metavar="COS",
+                     help="a cosine cut instead of --z (pick it from the histogram)")
+    sub.add_argument("--thumbnails", type=positive_int, default=16,
+                     help="matches shown on the thumbnail pages")
+    sub.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                     help="loader decode workers (0: decode in this process)")
+    sub.add_argument("--device", default="auto",
+                     help="auto, cpu or cuda[:N] (cuda also puts the faiss index on the GPU)")
+    sub.add_argument("--batch-size", type=positive_int, default=256)
+    sub.add_argument("--no-flip", dest="flip", action="store_false",
+                     help="skip the flip test")
+
+
+def run_duplicates(args: argparse.Namespace) -> int:
+    from evaluate.duplicates import write_duplicates
+
+    if args.workers < 0:
+        raise UserError(f"--workers {args.workers}: must be >= 0")
+    page = write_duplicates(args.run, shards_dir=args.shards, out_dir=args.out,
+                            model=args.model, device=args.device, batch_size=args.batch_size,
+                            workers=args.workers, neighbours_k=args.neighbours, z=args.z,
+                            threshold=args.threshold, against=args.against,
+                            thumbnails=args.thumbnails, flip=args.flip)
+    print(f"duplicates report written to {page}")
+    return 0
 
 
 def _load_matrix(path: Path, what: str) -> np.ndarray:
@@ -286,6 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"noise report written to {write_noise(args.run, args.shards, args.thumbnails)}")
         return 0
+    if args.command == "duplicates":
+        return run_duplicates(args)
     if args.command == "report":
         from evaluate.report import write_report
 

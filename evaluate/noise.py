@@ -50,6 +50,7 @@ class ImageTable:
     shards: list[str]
     mislabeled: np.ndarray | None  # bool per image, None without planted truth
     degraded: np.ndarray | None
+    shows: list[str] | None  # the person each image shows (planted truth), else None
 
 
 def read_image_table(reader: ShardReader) -> ImageTable:
@@ -57,6 +58,7 @@ def read_image_table(reader: ShardReader) -> ImageTable:
     n = reader.num_images
     names, paths, shard_of = [""] * n, [""] * n, [""] * n
     mislabeled, degraded = np.zeros(n, bool), np.zeros(n, bool)
+    shows = [""] * n
     truth = False
     for shard_path in reader.shard_paths:
         try:
@@ -77,11 +79,13 @@ def read_image_table(reader: ShardReader) -> ImageTable:
                             paths[image_id] = extra[j].get("path", paths[image_id])
                             mislabeled[image_id] = bool(extra[j].get("mislabeled"))
                             degraded[image_id] = extra[j].get("quality", "good") != "good"
+                            shows[image_id] = extra[j].get("shows", "")
         except (OSError, tarfile.TarError, ValueError, KeyError, IndexError) as error:
             raise UserError(f"{shard_path}: cannot read its json members ({error})") from None
     identities = [reader.identity_name(int(label)) for label in reader.image_labels]
     return ImageTable(reader.image_labels, identities, names, paths, shard_of,
-                      mislabeled if truth else None, degraded if truth else None)
+                      mislabeled if truth else None, degraded if truth else None,
+                      shows if truth else None)
 
 
 def load_stats(run_dir: Path, num_images: int) -> dict[str, np.ndarray]:
@@ -152,7 +156,7 @@ def analyse(run_dir: Path, shards_dir: Path | None = None) -> dict[str, Any]:
     """Scores, the ranking and (with planted truth) precision/recall at K, in memory."""
     run_dir = Path(run_dir)
     if shards_dir is None:
-        shards_dir = Path(_run_config(run_dir).get("shards", ""))
+        shards_dir = Path(run_config(run_dir).get("shards", ""))
     reader = ShardReader(shards_dir)
     stats = load_stats(run_dir, reader.num_images)
     table = read_image_table(reader)
@@ -173,7 +177,7 @@ def analyse(run_dir: Path, shards_dir: Path | None = None) -> dict[str, Any]:
     return result
 
 
-def _run_config(run_dir: Path) -> dict[str, Any]:
+def run_config(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "config.toml"
     try:
         return tomllib.loads(path.read_text())
