@@ -119,14 +119,17 @@ def _relative(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return float((whole_a - whole_b).norm() / whole_b.norm())
 
 
-@pytest.mark.parametrize("head", ["fc", "partialfc"])
-def test_two_ranks_train_what_one_process_trains(data, tmp_path, head):
+@pytest.mark.parametrize(("head", "margin"), [("fc", "arcface"), ("partialfc", "arcface"),
+                                            ("partialfc", "adaface"), ("fc", "magface")])
+def test_two_ranks_train_what_one_process_trains(data, tmp_path, head, margin):
     """Model-parallel fc / partialfc: the class matrix split over 2 ranks, gathered into one
-    checkpoint of the same shape as one process's."""
+    checkpoint of the same shape as one process's. AdaFace: the norm statistics of the
+    global batch (the same EMA as one process); MagFace: the margin's and the regulariser's
+    gradient through every rank's feature norms."""
     one, two = tmp_path / "one", tmp_path / "two"
-    _train(data, one, "--head", head, "--max-steps", "3")
-    done = _train(data, two, "--head", head, "--max-steps", "3", "--check-replicas",
-                  ranks=2)
+    _train(data, one, "--head", head, "--margin", margin, "--max-steps", "3")
+    done = _train(data, two, "--head", head, "--margin", margin, "--max-steps", "3",
+                  "--check-replicas", ranks=2)
     assert "global batch 8" in done.stderr
     assert_same_training(one, two, 3)
     assert _checkpoint(two, 3)["head"]["weight"].shape == (10, 16)  # the whole matrix

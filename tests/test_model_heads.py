@@ -144,3 +144,56 @@ def test_chunked_loss_and_gradient_match_dense(chunk: int, scale: float) -> None
     torch.testing.assert_close(got[0], ref[0])
     assert got[1] == ref[1] > 0
     torch.testing.assert_close(got[2], ref[2], rtol=1e-4, atol=1e-5)
+
+
+def _heads_with(margin_name: str) -> dict[str, nn.Module]:
+    """Each head with a fresh norm-aware margin (attfc's class encoder is Flatten)."""
+    return {name: build_head(name, num_classes=6, embedding_size=2, batch_size=3,
+                             margin=build_margin(margin_name), feature_encoder=nn.Flatten(),
+                             sample_rate=1.0, k=2) for name in HEADS}
+
+
+def _forward(head: nn.Module, features: torch.Tensor, labels: torch.Tensor):
+    class_images = features.detach()[:, None, :].expand(-1, 2, -1).contiguous()
+    return head(features, labels, class_images if head.needs_class_images else None)
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_every_head_feeds_adaface_its_norms(name: str) -> None:
+    # norms 10, 20, 30 (before normalisation): mean 20, std 10, so after one training
+    # step μ = 0.01·20 + 0.99·20 = 20, σ = 0.01·10 + 0.99·100 = 99.1
+    torch.manual_seed(0)
+    head = _heads_with("adaface")[name]
+    features = torch.tensor([[6.0, 8.0], [0.0, 20.0], [-18.0, 24.0]], requires_grad=True)
+    out = _forward(head, features, torch.tensor([0, 1, 2]))
+    assert (head.margin.norm_mean.item(), head.margin.norm_std.item()) == pytest.approx(
+        (20.0, 99.1))
+    assert out.stats["feature_norm"].item() == pytest.approx(20.0)
+    assert {"margin.norm_mean", "margin.norm_std"} <= set(head.state_dict())  # checkpointed
+    out.loss.backward()
+    assert torch.isfinite(features.grad).all()
+    head.eval()
+    _forward(head, features, torch.tensor([0, 1, 2]))  # not in training: no EMA step
+    assert head.margin.norm_std.item() == pytest.approx(99.1)
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_every_head_adds_the_magface_regulariser_and_logs_it(name: str) -> None:
+    torch.manual_seed(0)
+    head = _heads_with("magface")[name]
+    features = torch.tensor([[6.0, 8.0], [0.0, 60.0], [-66.0, 88.0]], requires_grad=True)
+    out = _forward(head, features, torch.tensor([0, 1, 2]))
+    # norms 10, 60, 110: 35·mean(1/a + a/110²) = 35·(0.100826 + 0.021625 + 0.018182)/3
+    assert out.stats["magface_g"].item() == pytest.approx(35 * 0.140633 / 3, abs=1e-4)
+    plain = _heads_with("magface")[name]
+    plain.load_state_dict(head.state_dict())
+    plain.margin.lambda_g = 0.0
+    if name == "attfc":  # the same container as before the first forward's push
+        plain.dcc.labels.fill_(-1)
+        plain.dcc.ptr.zero_()
+        torch.manual_seed(0)
+        plain.dcc.centers.copy_(_heads_with("magface")["attfc"].dcc.centers)
+    torch.manual_seed(0)
+    again = _forward(plain, features, torch.tensor([0, 1, 2]))
+    assert out.loss.item() == pytest.approx(again.loss.item() + out.stats["magface_g"].item(),
+                                            rel=1e-6)

@@ -11,12 +11,18 @@ from model.heads import HEAD_CLASSES, build_head
 from model.heads.attfc import WEIGHTINGS, AttFCHead
 from model.heads.fc import FCHead
 from model.heads.partialfc import PartialFCHead
-from model.margins import MARGIN_FORMS, build_margin
+from model.margins import (
+    MARGIN_BUILDERS,
+    AdaFaceMargin,
+    CombinedMargin,
+    MagFaceMargin,
+    build_margin,
+)
 from model.names import HEADS, MARGINS, NETWORKS, STRATEGIES
 
 
 @pytest.mark.parametrize(("registry", "names"), [(BACKBONES, NETWORKS), (HEAD_CLASSES, HEADS),
-                                                 (MARGIN_FORMS, MARGINS),
+                                                 (MARGIN_BUILDERS, MARGINS),
                                                  (WEIGHTINGS, STRATEGIES)],
                          ids=["networks", "heads", "margins", "strategies"])
 def test_registry_keys_are_the_names_list(registry: dict, names: tuple[str, ...]) -> None:
@@ -32,8 +38,14 @@ def test_each_name_builds_its_own_part() -> None:
                "margin": build_margin("arcface"), "feature_encoder": nn.Flatten()}
     built = {name: type(build_head(name, **options)) for name in HEADS}
     assert built == {"attfc": AttFCHead, "fc": FCHead, "partialfc": PartialFCHead}
-    margins = {name: build_margin(name, s=1.0, m=0.25) for name in MARGINS}
-    assert [(m.m1, m.m2, m.m3) for m in margins.values()] == [(1.0, 0.25, 0.0), (1.0, 0.0, 0.25)]
+    margins = {name: build_margin(name, s=1.0, m=0.25, m1=1.5, m2=0.1, m3=0.05)
+               for name in MARGINS}
+    assert {name: type(margin) for name, margin in margins.items()} == {
+        "arcface": CombinedMargin, "cosface": CombinedMargin, "adaface": AdaFaceMargin,
+        "magface": MagFaceMargin, "combined": CombinedMargin}
+    assert [(margins[name].m1, margins[name].m2, margins[name].m3)
+            for name in ("arcface", "cosface", "combined")] == [
+        (1.0, 0.25, 0.0), (1.0, 0.0, 0.25), (1.5, 0.1, 0.05)]
     assert WEIGHTINGS["single"].__name__ == "_single"
 
 

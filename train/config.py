@@ -70,10 +70,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("update_order", "paper", "attfc: paper = the step's GCCs enter the container before "
            "the loss (the paper's text); official = after it, so the batch's other GCCs are "
            "not negatives (the authors' code, MoCo's order)", UPDATE_ORDERS, group="model"),
-    Option("margin", "arcface", "margin loss", MARGINS, group="model"),
+    Option("margin", "arcface", "margin loss (README: which to use)", MARGINS, group="model"),
     Option("margin_s", 64.0, "margin scale s", group="model"),
-    Option("margin_m", 0.5, "margin m (arcface: angular, 0.5; cosface: additive, usually "
-           "0.4)", group="model"),
+    Option("margin_m", 0.5, "arcface/cosface margin m (arcface: angular, 0.5; cosface: "
+           "additive, usually 0.4)", group="model"),
+    Option("margin_m1", 1.0, "combined: m1 of cos(m1*theta + m2) - m3", group="model"),
+    Option("margin_m2", 0.3, "combined: m2 (additive angular)", group="model"),
+    Option("margin_m3", 0.2, "combined: m3 (additive cosine)", group="model"),
+    Option("margin_args", "", "adaface/magface settings as a JSON object, the papers' by "
+           "default: adaface m 0.4, h 0.333, alpha 0.01 (the norm EMA); magface l_a 10, "
+           "u_a 110, l_m 0.45, u_m 0.8, lambda_g 35", group="model"),
     Option("epochs", 5, "epochs; the cosine schedule spans all of them"),
     Option("max_steps", 0, "stop after this global step (0: no limit); the schedule still "
            "spans --epochs, so a stopped run resumes exactly"),
@@ -224,6 +230,7 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
 # checkpoint records and train/loop.py checks, so a run resumes on another number of GPUs.
 FIXED_ON_RESUME = ("network", "network_args", "embedding_size", "head", "sample_rate", "k",
                    "gamma", "strategy", "update_order", "margin", "margin_s", "margin_m",
+                   "margin_m1", "margin_m2", "margin_m3", "margin_args",
                    "epochs", "lr", "min_lr", "warmup_epochs", "momentum",
                    "weight_decay", "clip_grad_norm", "seed")
 
@@ -236,8 +243,8 @@ def _check_resume(saved: dict[str, Any], config: dict[str, Any], path: Path) -> 
         if key not in saved or key not in config:
             continue
         old, new = saved[key], config[key]
-        if key == "network_args":
-            old, new = network_args({key: old}), network_args({key: new})
+        if key in _JSON_OPTIONS:
+            old, new = json_object(key, old), json_object(key, new)
         if old != new:
             changed.append(f"{_flag(key)} {_show(saved[key])} -> {_show(config[key])}")
     if changed:
@@ -265,21 +272,34 @@ def _check(config: dict[str, Any]) -> None:
         raise UserError(f"--sample-rate {config['sample_rate']}: must be in (0, 1]")
     if not 0.0 <= config["gamma"] < 1.0:
         raise UserError(f"--gamma {config['gamma']}: must be in [0, 1)")
-    network_args(config)
+    for key in _JSON_OPTIONS:
+        json_object(key, config[key])
     if config["lr"] <= 0:
         raise UserError(f"--lr {config['lr']}: must be > 0")
 
 
-def network_args(config: dict[str, Any]) -> dict[str, Any]:
-    """``--network-args`` parsed: keyword arguments for ``get_model``."""
-    text = config["network_args"]
+_JSON_OPTIONS = ("network_args", "margin_args")  # keyword arguments as a JSON object
+
+
+def json_object(key: str, text: str) -> dict[str, Any]:
+    """A JSON-object option (``network_args``, ``margin_args``) parsed: keyword arguments."""
     try:
         value = json.loads(text) if text else {}
     except json.JSONDecodeError as error:
-        raise UserError(f"--network-args {text}: not valid JSON ({error})") from None
+        raise UserError(f"{_flag(key)} {text}: not valid JSON ({error})") from None
     if not isinstance(value, dict):
-        raise UserError(f"--network-args {text}: expected a JSON object")
+        raise UserError(f"{_flag(key)} {text}: expected a JSON object")
     return value
+
+
+def network_args(config: dict[str, Any]) -> dict[str, Any]:
+    """``--network-args`` parsed: keyword arguments for ``get_model``."""
+    return json_object("network_args", config["network_args"])
+
+
+def margin_args(config: dict[str, Any]) -> dict[str, Any]:
+    """``--margin-args`` parsed: adaface/magface keyword arguments for ``build_margin``."""
+    return json_object("margin_args", config["margin_args"])
 
 
 def to_toml(config: dict[str, Any]) -> str:

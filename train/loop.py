@@ -48,7 +48,7 @@ from train.checkpoint import (
     set_rng_state,
     take_rows,
 )
-from train.config import network_args
+from train.config import margin_args, network_args
 from train.distributed import (
     check_replicas,
     collective_failure,
@@ -208,7 +208,12 @@ class Trainer:
         if self.device.startswith("cuda"):
             # Before build_head: the attfc class encoder is a copy and inherits the layout.
             backbone = backbone.to(memory_format=torch.channels_last)
-        margin = build_margin(c["margin"], s=c["margin_s"], m=c["margin_m"])
+        try:
+            margin = build_margin(c["margin"], s=c["margin_s"], m=c["margin_m"],
+                                  m1=c["margin_m1"], m2=c["margin_m2"], m3=c["margin_m3"],
+                                  **margin_args(c))
+        except ValueError as error:
+            raise UserError(f"--margin {c['margin']}: {error}") from None
         head = build_head(c["head"], num_classes=self.num_classes,
                           embedding_size=c["embedding_size"], batch_size=self.global_batch,
                           margin=margin,

@@ -15,7 +15,8 @@ from torch import nn
 from model.heads.collective import Ranks, all_gather
 from model.heads.dcc_ce import masked_dcc_cross_entropy
 from model.heads.interface import HeadOptions, HeadOutput
-from model.margins import CombinedMargin
+from model.heads.margin_ce import margin_head_output, sample_norms
+from model.margins import Margin
 from model.names import STRATEGIES, UPDATE_ORDERS
 
 
@@ -137,7 +138,7 @@ class AttFCHead(nn.Module):
     summed_stats = ("masked_conflicts",)  # counts: across ranks they add up (the rest average)
 
     def __init__(self, feature_encoder: nn.Module, num_classes: int, embedding_size: int,
-                 batch_size: int, margin: CombinedMargin, sample_rate: float = 0.3, k: int = 2,
+                 batch_size: int, margin: Margin, sample_rate: float = 0.3, k: int = 2,
                  class_encoder_momentum: float = 0.999, strategy: str = "attention",
                  dcc_dtype: torch.dtype = torch.float32, chunk_size: int = 65536,
                  update_order: str = "paper", ranks: Ranks | None = None) -> None:
@@ -198,6 +199,7 @@ class AttFCHead(nn.Module):
         if class_images is None:
             raise ValueError("the attfc head needs class_images [B, k, 3, H, W]")
         K = self.encode_classes(class_images)
+        norms, _ = sample_norms(self.margin, features, self.ranks)
         f_unit = F.normalize(features.float(), dim=1)
         paper_order = self.update_order == "paper"
         with torch.no_grad():
@@ -209,13 +211,14 @@ class AttFCHead(nn.Module):
             class_cos = F.cosine_similarity(f_unit[:, None, :], K, dim=-1)
         positive_cos = (f_unit * own.float()).sum(dim=1)
         loss, masked = masked_dcc_cross_entropy(
-            f_unit, self.margin(positive_cos), self.dcc.centers, self.dcc.labels, labels,
+            f_unit, self.margin(positive_cos, norms), self.dcc.centers, self.dcc.labels, labels,
             self.margin.scale, self.chunk_size, own_in_container=paper_order)
         if not paper_order:
             self._push(own, labels)
         spread = (alpha.amax(dim=1) - alpha.amin(dim=1)).mean()
-        return HeadOutput(loss, {"attention_spread": spread, "masked_conflicts": masked},
-                          class_scores=(alpha, class_cos))
+        return margin_head_output(loss, self.margin, norms,
+                                  {"attention_spread": spread, "masked_conflicts": masked},
+                                  class_scores=(alpha, class_cos))
 
     @torch.no_grad()
     def _push(self, own: torch.Tensor, labels: torch.Tensor) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from model.margins import CombinedMargin
+from model.margins import Margin
 
 
 @dataclass(frozen=True)
@@ -99,19 +99,21 @@ class _ShardedCrossEntropy(torch.autograd.Function):
 
 
 def sharded_margin_cross_entropy(cos: torch.Tensor, target: torch.Tensor,
-                                 margin: CombinedMargin, ranks: Ranks) -> torch.Tensor:
+                                 margin: Margin, ranks: Ranks,
+                                 norms: torch.Tensor | None = None) -> torch.Tensor:
     """Mean margin-softmax CE of the global batch over the classes of every rank's shard.
 
     cos [world·B, C_r]: cosines of all ranks' features with this rank's class rows; target
-    [world·B]: each sample's column here, or −1 where its class lives on another rank. The
-    same loss as :func:`~model.heads.margin_ce.margin_cross_entropy` on the whole matrix.
+    [world·B]: each sample's column here, or −1 where its class lives on another rank; norms
+    [world·B]: every sample's feature norm for a norm-aware margin. The same loss as
+    :func:`~model.heads.margin_ce.margin_cross_entropy` on the whole matrix.
     """
     cos = cos.float()
     if cos.shape[1]:
         mine = target >= 0
         column = torch.where(mine, target, 0)[:, None]
         own = cos.gather(1, column).squeeze(1)
-        positive = torch.where(mine, margin(own), own * margin.scale)
+        positive = torch.where(mine, margin(own, norms), own * margin.scale)
         logits = (cos * margin.scale).scatter(1, column, positive[:, None])
     else:  # no rows here (a sampled shard can come out empty): only the sums take part
         logits = cos * margin.scale

@@ -19,8 +19,8 @@ from model.heads.collective import (
     sharded_margin_cross_entropy,
 )
 from model.heads.interface import HeadOptions, HeadOutput
-from model.heads.margin_ce import margin_cross_entropy
-from model.margins import CombinedMargin
+from model.heads.margin_ce import margin_cross_entropy, margin_head_output, sample_norms
+from model.margins import Margin
 
 
 class FCHead(nn.Module):
@@ -28,7 +28,7 @@ class FCHead(nn.Module):
 
     needs_class_images = False
 
-    def __init__(self, num_classes: int, embedding_size: int, margin: CombinedMargin,
+    def __init__(self, num_classes: int, embedding_size: int, margin: Margin,
                  ranks: Ranks | None = None) -> None:
         super().__init__()
         weight, self.ranks, self.weight_rows = split_classes(
@@ -46,12 +46,16 @@ class FCHead(nn.Module):
                 class_images: torch.Tensor | None = None) -> HeadOutput:
         if self.ranks is not None:
             return self._forward_sharded(features, labels)
+        norms, _ = sample_norms(self.margin, features)
         with torch.autocast(device_type=features.device.type, enabled=False):
             cos = F.linear(F.normalize(features.float(), dim=1), F.normalize(self.weight, dim=1))
-            return HeadOutput(margin_cross_entropy(cos, labels, self.margin))
+            loss = margin_cross_entropy(cos, labels, self.margin, norms)
+        return margin_head_output(loss, self.margin, norms)
 
     def _forward_sharded(self, features: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
-        """The global batch's loss over this rank's class rows; the same value on every rank."""
+        """The global batch's loss over this rank's class rows; the same value on every rank
+        (plus the margin's own terms over this rank's samples)."""
+        norms, norms_all = sample_norms(self.margin, features, self.ranks)
         with torch.autocast(device_type=features.device.type, enabled=False):
             f_all = gather_features(F.normalize(features.float(), dim=1), self.ranks)
             labels_all = all_gather(labels, self.ranks)
@@ -59,7 +63,8 @@ class FCHead(nn.Module):
             cos = F.linear(f_all, F.normalize(self.weight, dim=1))
             target = torch.where((labels_all >= start) & (labels_all < stop),
                                  labels_all - start, -1)
-            return HeadOutput(sharded_margin_cross_entropy(cos, target, self.margin, self.ranks))
+            loss = sharded_margin_cross_entropy(cos, target, self.margin, self.ranks, norms_all)
+        return margin_head_output(loss, self.margin, norms)
 
     def after_optimizer_step(self, feature_encoder: nn.Module) -> None:
         """Nothing to do: W is trained by the optimizer."""

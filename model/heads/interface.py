@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from model.heads.collective import Ranks
-from model.margins import CombinedMargin
+from model.margins import Margin
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class HeadOptions:
     num_classes: int
     embedding_size: int
     batch_size: int
-    margin: CombinedMargin
+    margin: Margin
     feature_encoder: nn.Module | None = None
     sample_rate: float = 0.3
     k: int = 2

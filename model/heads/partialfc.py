@@ -27,8 +27,8 @@ from model.heads.collective import (
 )
 from model.heads.fc import split_classes
 from model.heads.interface import HeadOptions, HeadOutput
-from model.heads.margin_ce import margin_cross_entropy
-from model.margins import CombinedMargin
+from model.heads.margin_ce import margin_cross_entropy, margin_head_output, sample_norms
+from model.margins import Margin
 
 
 class PartialFCHead(nn.Module):
@@ -36,7 +36,7 @@ class PartialFCHead(nn.Module):
 
     needs_class_images = False
 
-    def __init__(self, num_classes: int, embedding_size: int, margin: CombinedMargin,
+    def __init__(self, num_classes: int, embedding_size: int, margin: Margin,
                  sample_rate: float = 0.3, ranks: Ranks | None = None) -> None:
         super().__init__()
         if not 0 < sample_rate <= 1:
@@ -82,15 +82,18 @@ class PartialFCHead(nn.Module):
         if self.ranks is not None:
             return self._forward_sharded(features, labels)
         index, local = self.sample(labels)
+        norms, _ = sample_norms(self.margin, features)
         with torch.autocast(device_type=features.device.type, enabled=False):
             weight = F.normalize(self.weight.index_select(0, index.clamp(min=0)), dim=1)
             cos = F.linear(F.normalize(features.float(), dim=1), weight)
             if index.numel() > self.num_sample:  # unused slots take no probability
                 cos = torch.where(index >= 0, cos, float("-inf"))
-            return HeadOutput(margin_cross_entropy(cos, local, self.margin))
+            loss = margin_cross_entropy(cos, local, self.margin, norms)
+        return margin_head_output(loss, self.margin, norms)
 
     def _forward_sharded(self, features: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
-        """The global batch's loss over the sampled rows in this rank's class range."""
+        """The global batch's loss over the sampled rows in this rank's class range (plus
+        the margin's own terms over this rank's samples)."""
         labels_all = all_gather(labels, self.ranks)
         index, _ = self.sample(labels_all)
         start, stop = self.weight_rows
@@ -98,11 +101,13 @@ class PartialFCHead(nn.Module):
             mine = index[(index >= start) & (index < stop)] - start
             here = (labels_all >= start) & (labels_all < stop)
             target = torch.where(here, torch.searchsorted(mine, labels_all - start), -1)
+        norms, norms_all = sample_norms(self.margin, features, self.ranks)
         with torch.autocast(device_type=features.device.type, enabled=False):
             f_all = gather_features(F.normalize(features.float(), dim=1), self.ranks)
             weight = F.normalize(self.weight.index_select(0, mine), dim=1)
             cos = F.linear(f_all, weight)
-            return HeadOutput(sharded_margin_cross_entropy(cos, target, self.margin, self.ranks))
+            loss = sharded_margin_cross_entropy(cos, target, self.margin, self.ranks, norms_all)
+        return margin_head_output(loss, self.margin, norms)
 
     def after_optimizer_step(self, feature_encoder: nn.Module) -> None:
         """Nothing to do: W is trained by the optimizer."""

@@ -1,0 +1,74 @@
+"""``python -m train`` with each margin and each head (tiny CPU runs), and AdaFace's norm
+statistics resumed exactly."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from model.names import HEADS
+from tests.test_train_cli import TINY, data  # noqa: F401 (the shards fixture)
+
+pytestmark = pytest.mark.slow
+
+MARGIN_FLAGS = {"adaface": [], "magface": [],
+                "combined": ["--margin-m1", "1.0", "--margin-m2", "0.3", "--margin-m3", "0.2"]}
+# What each margin logs beside the loss.
+LOGGED = {"adaface": ("feature_norm", "adaface_norm_mean", "adaface_norm_std"),
+          "magface": ("feature_norm", "magface_g"), "combined": ()}
+
+
+def _train(run_cli, data, run, *args: str):  # noqa: F811
+    done = run_cli("train", "--shards", data / "shards", "--output", run, *TINY,
+                   "--epochs", "1", "--log-every", "1", *args, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("kind", "train") == "train"]
+
+
+@pytest.mark.parametrize(("margin", "head"), [(m, h) for m in MARGIN_FLAGS for h in HEADS
+                                              if (m, h) != ("adaface", "attfc")])
+def test_each_margin_trains_with_each_head(run_cli, data, tmp_path, margin, head):  # noqa: F811
+    """adaface with attfc runs in the resume test below."""
+    records = _train(run_cli, data, tmp_path / "run", "--head", head, "--margin", margin,
+                     *MARGIN_FLAGS[margin], "--max-steps", "2")
+    assert [r["step"] for r in records] == [1, 2]
+    for record in records:
+        assert math.isfinite(record["loss"])
+        for key in LOGGED[margin]:
+            assert math.isfinite(record[key]), key
+    if margin == "magface":  # the regulariser is part of the loss: ≥ 35·min g = 35·2/110
+        assert all(r["loss"] > r["magface_g"] >= 35 * 2 / 110 for r in records)
+    config = (tmp_path / "run" / "config.toml").read_text()
+    assert f'margin = "{margin}"' in config
+
+
+def test_adaface_statistics_resume_exactly(run_cli, data, tmp_path):  # noqa: F811
+    """6 steps straight == 3 steps, stop, resume, 3 more: weights, container and the norm EMA."""
+    common = ["--head", "attfc", "--margin", "adaface", "--margin-args", '{"h": 0.5}']
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    records = _train(run_cli, data, straight, *common, "--max-steps", "6")
+    assert records[-1]["adaface_norm_mean"] != pytest.approx(20.0)  # the EMA moved
+    _train(run_cli, data, split, *common, "--max-steps", "3")
+    done = run_cli("train", "--output", split, "--resume", "--max-steps", "6", timeout=300)
+    assert done.returncode == 0, done.stderr
+    a = torch.load(straight / "checkpoints" / "step-000000006.pt", weights_only=True)
+    b = torch.load(split / "checkpoints" / "step-000000006.pt", weights_only=True)
+    assert {"margin.norm_mean", "margin.norm_std"} <= set(a["head"])
+    for part in ("backbone", "head"):
+        for key, value in a[part].items():
+            assert torch.equal(value, b[part][key]), f"{part}.{key}"
+    assert a["position"] == b["position"]
+
+
+def test_margin_settings_are_checked(run_cli, data, tmp_path):  # noqa: F811
+    done = run_cli("train", "--shards", data / "shards", "--output", tmp_path / "run", *TINY,
+                   "--margin", "magface", "--margin-args", '{"u_a": 5}', timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("train: error: --margin magface: ")
+    done = run_cli("train", "--shards", data / "shards", "--output", tmp_path / "run", *TINY,
+                   "--margin-args", "[1]", timeout=120)
+    assert done.returncode == 2 and "--margin-args [1]: expected a JSON object" in done.stderr
