@@ -306,10 +306,14 @@ def test_dali_decoder_failure_is_located(shards: Path, tmp_path: Path,
     with pytest.raises(DataError, match="JPEG does not decode"):
         _collect(build_loader(cut, 5, K, **kwargs))
 
-    built = []
+    built = []  # one entry per pipeline built (a spy on the real method)
     real_pipeline = DaliBatches._pipeline
-    monkeypatch.setattr(DaliBatches, "_pipeline", lambda self, plan, feeder: built.append(
-        feeder.steps) or real_pipeline(self, plan, feeder))
+
+    def counted(self, plan, feeder):
+        built.append(feeder)
+        return real_pipeline(self, plan, feeder)
+
+    monkeypatch.setattr(DaliBatches, "_pipeline", counted)
     loader = build_loader(cut, 5, K, skip_bad=True, **kwargs)
     batches = _collect(loader)
     assert len(batches["labels"]) == sum(COUNTS[:6]) and loader.skipped >= 1

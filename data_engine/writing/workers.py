@@ -4,8 +4,9 @@
 (the kernel's out-of-memory killer kills exactly one worker), and its ``terminate`` can
 block on a queue lock the dead worker held. Here the parent waits on the result pipe and on
 every worker's exit at once; a worker that exits before it is told to ends the job with a
-:class:`WorkerDiedError` naming its pid, how it died and the task it held. Results that arrived
-before are handed out first, so the caller can keep what was finished.
+:class:`WorkerDiedError` naming its pid, how it died and the task it held. The other
+workers are stopped and the results sent before are handed out first, so the caller can
+keep what was finished.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import queue
 import signal
 import traceback
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -54,6 +56,8 @@ class Workers:
         self._results, writer = context.Pipe(duplex=False)
         lock = context.Lock()
         self._doing = context.Array("q", [_IDLE] * count, lock=False)  # task index per worker
+        self._backlog: deque[tuple[int, bool, Any, str]] = deque()  # results read after a death
+        self._death: str | None = None  # what a dead worker's error says
         self._procs = [context.Process(target=_serve, daemon=True,
                                        args=(slot, self._tasks, writer, lock, self._doing,
                                              initializer, initargs))
@@ -66,19 +70,21 @@ class Workers:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
-        if exc_type is None:
-            for _ in self._procs:
+        self._stop(at_once=exc_type is not None)
+        self._results.close()
+
+    def _stop(self, *, at_once: bool) -> None:
+        """End every worker: after its tasks (a None each), or at once (SIGTERM)."""
+        for proc in self._procs:
+            if not at_once:
                 self._tasks.put(None)
-        else:
-            for proc in self._procs:
-                if proc.is_alive():
-                    proc.terminate()
+            elif proc.is_alive():
+                proc.terminate()
         for proc in self._procs:
             proc.join(timeout=5)
             if proc.is_alive():
                 proc.kill()
                 proc.join()
-        self._results.close()
 
     def map(self, function: Callable[[Any], Any], items: Iterable[Any],
             doing: Callable[[Any], str], *, ordered: bool = True,
@@ -108,18 +114,33 @@ class Workers:
 
     def _receive(self, items: list[Any], doing: Callable[[Any], str],
                  tick: Callable[[], None] | None) -> tuple[int, bool, Any, str]:
-        sentinels = {proc.sentinel: proc for proc in self._procs}
-        while True:
+        """The next result; after a death, the results sent before it, then the error."""
+        sentinels = {proc.sentinel: slot for slot, proc in enumerate(self._procs)}
+        while not self._backlog:
+            if self._death is not None:
+                raise WorkerDiedError(self._death)
             ready = wait([self._results, *sentinels], timeout=_POLL_S)
-            if self._results in ready:  # results first: what finished before a death counts
+            dead = [sentinels[s] for s in ready if s in sentinels]
+            if dead:
+                task = self._doing[dead[0]]
+                self._death = _death(self._procs[dead[0]],
+                                     doing(items[task]) if task != _IDLE else "idle")
+                self._drain()
+            elif ready:
                 return self._results.recv()
-            for sentinel in ready:
-                slot = self._procs.index(sentinels[sentinel])
-                task = self._doing[slot]
-                raise WorkerDiedError(_death(sentinels[sentinel],
-                                        doing(items[task]) if task != _IDLE else "idle"))
-            if tick is not None:
+            elif tick is not None:
                 tick()
+        return self._backlog.popleft()
+
+    def _drain(self) -> None:
+        """Stop every worker, then keep the results they sent. With all writers gone, a
+        result cut short by the death reads as the end of the pipe instead of a hang."""
+        self._stop(at_once=True)
+        while self._results.poll():
+            try:
+                self._backlog.append(self._results.recv())
+            except (EOFError, OSError):
+                break
 
 
 def _death(proc: mp.process.BaseProcess, doing: str) -> str:
