@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from model.heads import HEADS, HeadOutput, build_head
+from model.heads import HEADS, Head, HeadOutput, build_head
 from model.heads.dcc_ce import masked_dcc_cross_entropy
 from model.heads.margin_ce import margin_cross_entropy
 from model.margins import build_margin
@@ -105,6 +105,14 @@ def test_build_head_names_and_errors() -> None:
         head = _build(name, num_classes=4)
         head.after_optimizer_step(nn.Linear(1, 1))  # no-op for trained heads
         assert head.weight.shape == (4, 2)
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_every_head_has_what_the_loop_asks_of_it(name) -> None:
+    """The Head protocol's members, on one process: nothing split, no stat unknown."""
+    head = _build(name, num_classes=4, feature_encoder=nn.Linear(2, 2))
+    assert isinstance(head, Head)
+    assert head.num_classes == 4 and head.weight_rows is None
 
 
 def _dense_reference(f_unit, positive, centers, center_labels, labels, slots, scale):

@@ -9,6 +9,8 @@ Everything stored is tensors or plain Python values, so loading uses
 A checkpoint does not depend on how many ranks wrote it: a model-parallel head's class rows
 are gathered into the whole matrix (:func:`gather_rows`) and rank 0 writes the one file; a
 run on another number of ranks takes its own rows back out (:func:`take_rows`).
+:func:`save_state` and :func:`restore_state` move a run's live objects (:class:`RunParts`)
+into such a file and back.
 """
 
 from __future__ import annotations
@@ -17,16 +19,21 @@ import logging
 import random
 import re
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
+from common.errors import UserError
 from common.files import write_atomic
 from model.heads import Ranks
 from model.heads.collective import class_range
+from train.distributed import World
+from train.image_stats import ImageStats
 
 log = logging.getLogger(__name__)
 
@@ -120,3 +127,122 @@ def take_rows(whole: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     """This rank's class range of a whole [num_rows, ...] tensor from a checkpoint."""
     start, stop = class_range(whole.shape[0], ranks.rank, ranks.world_size)
     return whole[start:stop]
+
+
+@dataclass
+class RunParts:
+    """The live objects whose state a checkpoint holds."""
+
+    backbone: nn.Module
+    head: nn.Module  # a model.heads.Head
+    optimizer: torch.optim.SGD
+    scaler: torch.amp.GradScaler
+    image_stats: ImageStats | None
+    world: World
+
+
+def save_state(parts: RunParts, record: dict[str, Any], *, ckpt_dir: Path, run_dir: Path,
+               keep: int) -> Path | None:
+    """Checkpoint the run at ``record["position"]["step"]``; every rank takes part (a split
+    head and the image statistics are gathered), rank 0 writes the checkpoint and
+    RUN/image_stats.npz and gets the checkpoint's path, the others None.
+
+    ``record``: what the loop adds as it is (position, network, dataset, global batch).
+    """
+    head, optimizer = _whole_head_state(parts)
+    image_stats = _whole_image_stats(parts)
+    if not parts.world.is_main:
+        return None
+    state = {
+        "position": record["position"],
+        "backbone": parts.backbone.state_dict(),
+        "head": head,
+        "optimizer": optimizer,
+        "scaler": parts.scaler.state_dict(),
+        "rng": rng_state(),
+        **{key: value for key, value in record.items() if key != "position"},
+        "world_size": parts.world.world_size,
+    }
+    if image_stats is not None:
+        state["image_stats"] = image_stats.state_dict()
+        image_stats.write(run_dir)
+    return save_checkpoint(ckpt_dir, record["position"]["step"], state, keep)
+
+
+def restore_state(parts: RunParts, state: dict[str, Any]) -> None:
+    """Put a checkpoint's state back into the live objects (this rank's rows of a split
+    head); the caller checked it belongs to this run (:func:`check_resumable`)."""
+    parts.backbone.load_state_dict(state["backbone"])
+    head, optimizer = state["head"], state["optimizer"]
+    if parts.head.weight_rows is not None:  # this rank's rows only
+        ranks = parts.world.ranks
+        index = _optimizer_index(parts.optimizer, parts.head.weight)
+        moment = optimizer["state"][index]
+        head = {**head, "weight": take_rows(head["weight"], ranks)}
+        optimizer = {**optimizer, "state": {**optimizer["state"], index: {
+            **moment, "momentum_buffer": take_rows(moment["momentum_buffer"], ranks)}}}
+    parts.head.load_state_dict(head)
+    parts.optimizer.load_state_dict(optimizer)
+    parts.scaler.load_state_dict(state["scaler"])
+    # The sums are the whole run's: one rank continues them, the others add to zero.
+    if parts.image_stats is not None and "image_stats" in state and parts.world.is_main:
+        parts.image_stats.load_state_dict(state["image_stats"])
+    set_rng_state(state["rng"])
+
+
+def _whole_head_state(parts: RunParts) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Head and optimizer state as one process holds them: a split head's rows (and
+    their momentum) gathered into the whole matrix on rank 0 (all ranks take part)."""
+    head, optimizer = parts.head.state_dict(), parts.optimizer.state_dict()
+    if parts.head.weight_rows is None:
+        return head, optimizer
+    ranks, rows = parts.world.ranks, parts.head.num_classes
+    index = _optimizer_index(parts.optimizer, parts.head.weight)
+    moment = optimizer["state"][index]
+    head["weight"] = gather_rows(head["weight"], rows, ranks)
+    # A new dict: the optimizer's own state must keep this rank's rows.
+    optimizer["state"] = {**optimizer["state"], index: {
+        **moment, "momentum_buffer": gather_rows(moment["momentum_buffer"], rows, ranks)}}
+    return head, optimizer
+
+
+def _optimizer_index(optimizer: torch.optim.Optimizer, param: nn.Parameter) -> int:
+    """``param``'s key in the optimizer's state_dict (its place over all groups)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return next(i for i, p in enumerate(params) if p is param)
+
+
+def _whole_image_stats(parts: RunParts) -> ImageStats | None:
+    """The per-image sums over every rank's class images (each rank saw other ones)."""
+    stats, world = parts.image_stats, parts.world
+    if stats is None or world.world_size == 1:
+        return stats
+    whole = ImageStats(stats.count.numel(), stats.k, str(stats.count.device))
+    whole.load_state_dict({name: world.sum(value) for name, value in stats.state_dict().items()})
+    return whole
+
+
+def check_resumable(state: dict[str, Any], *, dataset: dict[str, Any], global_batch: int,
+                    world_size: int, batch_size: int, shards: str, ckpt_dir: Path) -> None:
+    """A run resumes on the data it started on (a copy elsewhere is fine, as the manifest
+    fingerprint travels with it: another dataset would silently mislabel every class), on
+    any number of ranks as long as the global batch (hence the sample order, the schedule
+    and attfc's container) stays the same."""
+    trained_on = state.get("dataset")
+    if trained_on is not None and trained_on != dataset:
+        raise UserError(f"--resume: {ckpt_dir} was trained on another dataset "
+                        f"({trained_on['num_identities']} identities, "
+                        f"{trained_on['num_images']} images) than --shards {shards} "
+                        f"({dataset['num_identities']}, {dataset['num_images']}, other "
+                        "fingerprint); resume with the run's own shards, or train into a "
+                        "new --output")
+    saved, ranks = state.get("global_batch"), state.get("world_size", 1)
+    if saved is None or saved == global_batch:
+        return
+    hint = (f"pass --batch-size {saved // world_size} to keep it" if saved % world_size == 0
+            else f"{saved} does not split over {world_size} ranks; use a number of ranks "
+            "that divides it")
+    raise UserError(f"--resume: {ckpt_dir} was trained with a global batch of {saved} "
+                    f"({saved // ranks} per rank x {ranks}); this run's is {global_batch} "
+                    f"(--batch-size {batch_size} x {world_size}): {hint}, or train into a "
+                    "new --output")

@@ -33,20 +33,20 @@ from common.files import write_atomic
 from common.progress import Progress
 from data_engine import build_loader
 from data_engine.loading.integrity import check_shards
+from data_engine.loading.loader import Loader
 from evaluate.features import load_weights, read_state_dict
 from model.backbones import get_model
 from model.heads import build_head, head_class
 from model.margins import build_margin
 from train.checkpoint import (
+    RunParts,
     atomic_save,
-    gather_rows,
+    check_resumable,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-    take_rows,
+    restore_state,
+    save_state,
 )
 from train.config import margin_args, network_args
 from train.distributed import (
@@ -122,15 +122,15 @@ class Trainer:
         self.pos = Position()
         # Seconds now instead of a failed read hours in: sizes always, sha256s on request.
         self.dataset = check_shards(config["shards"], hashes=config["verify_shards"])
-        self.loader = None  # each epoch's loader takes over its predecessor's decode workers
-        loader = self._loader(epoch=0, start_step=0)
-        self.steps_per_epoch = len(loader)
-        self.num_classes = loader.num_classes
+        # Each epoch's loader takes over its predecessor's decode workers.
+        self.loader = self._make_loader(epoch=0, start_step=0, reuse=None)
+        self.steps_per_epoch = len(self.loader)
+        self.num_classes = self.loader.num_classes
         if self.steps_per_epoch == 0:
             ranks = f" x {self.world.world_size} ranks" if self.world.world_size > 1 else ""
-            raise UserError(f"--shards {config['shards']}: {loader.num_images} images make no "
-                            f"full batch of --batch-size {config['batch_size']}{ranks}")
-        loader.start()
+            raise UserError(f"--shards {config['shards']}: {self.loader.num_images} images make "
+                            f"no full batch of --batch-size {config['batch_size']}{ranks}")
+        self.loader.start()
         self.total_steps = config["epochs"] * self.steps_per_epoch
         self.last_step = min(self.total_steps, config["max_steps"] or self.total_steps)
 
@@ -139,23 +139,30 @@ class Trainer:
         self.ddp = DistributedDataParallel(
             self.backbone, device_ids=[self.world.local_rank] if self.device.startswith("cuda")
             else None) if self.world.launched else None
-        sharded = getattr(self.head, "weight_rows", None) is not None
-        self.image_stats = (ImageStats(loader.num_images, config["k"], self.device)
+        self.image_stats = (ImageStats(self.loader.num_images, config["k"], self.device)
                             if self.head.needs_class_images else None)
-        self.step = TrainStep(self.backbone, self.head, self.optimizer, device=self.device,
-                              precision=self.precision,
-                              channels_last=self.device.startswith("cuda"),
-                              compile_backbone=config["compile"],
-                              clip_grad_norm=config["clip_grad_norm"],
-                              image_stats=self.image_stats, forward_module=self.ddp,
-                              sum_over_ranks=(self.world.sum if self.world.world_size > 1
-                                              else None),
-                              world_size=self.world.world_size,
-                              sharded=(self.head.weight,) if sharded else ())
+        self.train_step = TrainStep(
+            self.backbone, self.head, self.optimizer, device=self.device,
+            precision=self.precision, channels_last=self.device.startswith("cuda"),
+            compile_backbone=config["compile"], clip_grad_norm=config["clip_grad_norm"],
+            image_stats=self.image_stats, forward_module=self.ddp,
+            sum_over_ranks=self.world.sum if self.world.world_size > 1 else None,
+            world_size=self.world.world_size,
+            sharded=(self.head.weight,) if self.head.weight_rows is not None else ())
+        self.parts = RunParts(self.backbone, self.head, self.optimizer, self.train_step.scaler,
+                              self.image_stats, self.world)
         if checkpoint is not None:
             self._restore(checkpoint)
         self.validator = self._validator() if self.world.is_main else None
         self.validates = self.world.broadcast(self.validator is not None)
+
+        self.saved_at = self.pos.step  # the step of the newest checkpoint
+        self.stopping = False  # a stop signal reached some rank: every rank stops
+        self.tick, self.tick_step = time.perf_counter(), self.pos.step  # throughput since
+        self.metrics = (MetricsLog(self.run_dir, tensorboard=config["tensorboard"],
+                                   resume_step=self.pos.step) if self.world.is_main else None)
+        self.progress = Progress(self.last_step - self.pos.step, "train", "step",
+                                 tty=None if self.world.is_main else False)
 
     def _validator(self) -> Validator | None:
         val = self.config["val"]
@@ -178,18 +185,17 @@ class Trainer:
         log.info("resuming from %s", path)
         return found[1] if found is not None else load_checkpoint(path)
 
-    def _loader(self, *, epoch: int, start_step: int):
-        """The epoch's loader, reusing the run's one pool of decode workers (forked once,
-        before the model touches CUDA; closed when fit ends)."""
+    def _make_loader(self, *, epoch: int, start_step: int, reuse: Loader | None) -> Loader:
+        """The epoch's loader, taking over ``reuse``'s pool of decode workers (the run has one,
+        forked before the model touches CUDA, closed when fit ends)."""
         c = self.config
         k = c["k"] if head_class(c["head"]).needs_class_images else 0
-        self.loader = build_loader(c["shards"], c["batch_size"], k, seed=c["seed"],
-                                   epoch=epoch, start_step=start_step, backend=c["backend"],
-                                   device=self.device, workers=c["workers"] or None,
-                                   local_ranks=self.world.local_world_size,
-                                   skip_bad=c["skip_bad"], reuse=self.loader,
-                                   rank=self.world.rank, world_size=self.world.world_size)
-        return self.loader
+        return build_loader(c["shards"], c["batch_size"], k, seed=c["seed"], epoch=epoch,
+                            start_step=start_step, backend=c["backend"], device=self.device,
+                            workers=c["workers"] or None,
+                            local_ranks=self.world.local_world_size, skip_bad=c["skip_bad"],
+                            reuse=reuse, rank=self.world.rank,
+                            world_size=self.world.world_size)
 
     def _build_model(self, *, fresh: bool
                      ) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.SGD]:
@@ -229,6 +235,15 @@ class Trainer:
                                    weight_decay=c["weight_decay"])
         return backbone, head, optimizer
 
+    def _restore(self, state: dict[str, Any]) -> None:
+        c = self.config
+        check_resumable(state, dataset=self.dataset, global_batch=self.global_batch,
+                        world_size=self.world.world_size, batch_size=c["batch_size"],
+                        shards=c["shards"], ckpt_dir=self.ckpt_dir)
+        self.pos = Position(**state["position"])
+        restore_state(self.parts, state)
+        self.train_step.nonfinite_total.fill_(self.pos.nonfinite_total)
+
     # -- the loop -------------------------------------------------------------------------
 
     def fit(self) -> int:
@@ -256,13 +271,8 @@ class Trainer:
             log.info("%d ranks x --batch-size %d = global batch %d%s", self.world.world_size,
                      c["batch_size"], self.global_batch,
                      ", --sync-bn" if c["sync_bn"] and self.world.world_size > 1 else "")
-        self.metrics = (MetricsLog(self.run_dir, tensorboard=c["tensorboard"],
-                                   resume_step=self.pos.step) if self.world.is_main else None)
-        self.saved_at = self.pos.step
-        self.stopping = False
         with StopRequest() as stop, self.metrics or contextlib.nullcontext(), self.loader, \
-                Progress(self.last_step - self.pos.step, "train", "step",
-                         tty=None if self.world.is_main else False) as self.progress:
+                self.progress:
             self.tick, self.tick_step = time.perf_counter(), self.pos.step
             while self.pos.step < self.last_step and not self._agree_to_stop(stop):
                 if self._train_epoch(stop):
@@ -289,12 +299,14 @@ class Trainer:
         """Steps from the current position: True at the epoch's end, False when stopped
         early (--max-steps, a signal)."""
         c = self.config
-        loader = self._loader(epoch=self.pos.epoch, start_step=self.pos.step_in_epoch)
+        self.loader = loader = self._make_loader(epoch=self.pos.epoch,
+                                                 start_step=self.pos.step_in_epoch,
+                                                 reuse=self.loader)
         try:
             with (Prefetcher(loader, c["prefetch"]) if c["prefetch"]
                   else contextlib.nullcontext(loader)) as batches:
                 for batch in batches:
-                    self._train_step(batch)
+                    self._run_step(batch)
                     self._agree_to_stop(stop)
                     if self.pos.step_in_epoch == self.steps_per_epoch:
                         return True  # the caller validates and checkpoints at the epoch end
@@ -310,12 +322,12 @@ class Trainer:
                             "identity in epoch %d", loader.skipped, self.pos.epoch + 1)
         return True  # a loader shorter than len() still ends the epoch
 
-    def _train_step(self, batch: Any) -> None:
+    def _run_step(self, batch: Any) -> None:
         c = self.config
         lr = lr_at(self.pos.step, total_steps=self.total_steps, base_lr=c["lr"],
                    warmup_steps=round(c["warmup_epochs"] * self.steps_per_epoch),
                    min_lr=c["min_lr"])
-        stats = self.step(batch, lr, poison=self._poisoned(self.pos.step + 1))
+        stats = self.train_step(batch, lr, poison=self._poisoned(self.pos.step + 1))
         self.pos.step += 1
         self.pos.step_in_epoch += 1
         self.progress.update()
@@ -338,7 +350,7 @@ class Trainer:
         running statistics are its own, so buffers count only with it (or the container's)."""
         tensors = {f"backbone {name}": p for name, p in self.backbone.named_parameters()}
         for name, value in self.head.named_parameters():
-            if not (name == "weight" and getattr(self.head, "weight_rows", None)):
+            if not (name == "weight" and self.head.weight_rows is not None):
                 tensors[f"head {name}"] = value
         for name, value in self.head.named_buffers():
             if self.config["sync_bn"] or not name.startswith("class_encoder."):
@@ -351,7 +363,7 @@ class Trainer:
 
     def _check_finite(self) -> None:
         """Stop with the last good checkpoint once too many losses in a row were non-finite."""
-        in_row = int(self.step.nonfinite_in_row)
+        in_row = int(self.train_step.nonfinite_in_row)
         if in_row >= self.config["max_nonfinite"]:
             latest = list_checkpoints(self.ckpt_dir)
             kept = f"last good checkpoint: {latest[0]}" if latest else "no checkpoint yet"
@@ -362,7 +374,7 @@ class Trainer:
     def _log(self, lr: float, stats: dict[str, torch.Tensor]) -> None:
         """One metrics record and the progress postfix; throughput is since the last log."""
         self._check_finite()
-        loss = self.step.read_loss()
+        loss = self.train_step.read_loss()
         stats = self._stats_over_ranks(stats)
         if not self.world.is_main:
             return
@@ -377,7 +389,7 @@ class Trainer:
             "samples_per_s": samples_per_s,
             "images_per_s": samples_per_s * images_per_sample,
             **{name: float(value) for name, value in stats.items()},
-            "nonfinite_total": int(self.step.nonfinite_total),
+            "nonfinite_total": int(self.train_step.nonfinite_total),
             "mem_bytes": peak_memory_bytes(self.device),
             "global_batch": self.global_batch,
         }
@@ -390,7 +402,7 @@ class Trainer:
         averaged (each rank's are of its equal share of samples)."""
         if self.world.world_size == 1:
             return stats
-        summed = getattr(self.head, "summed_stats", ())
+        summed = self.head.summed_stats
         return {name: self.world.sum(value.float()) / (
                 1 if name in summed else self.world.world_size) for name, value in stats.items()}
 
@@ -419,111 +431,19 @@ class Trainer:
                      self.run_dir / "best.pt")
 
     def _save(self) -> None:
+        """A checkpoint of this step (all ranks take part; rank 0 writes)."""
         started = time.perf_counter()
         self._check_finite()
-        self.pos.nonfinite_total = int(self.step.nonfinite_total)
-        head, optimizer = self._whole_head_state()
-        image_stats = self._whole_image_stats()
-        if not self.world.is_main:  # the others took part in gathering; rank 0 writes
-            self.saved_at = self.pos.step
-            return
-        state = {
-            "position": asdict(self.pos),
-            "backbone": self.backbone.state_dict(),
-            "head": head,
-            "optimizer": optimizer,
-            "scaler": self.step.scaler.state_dict(),
-            "rng": rng_state(),
-            "network": self.config["network"],
-            "dataset": self.dataset,
-            "global_batch": self.global_batch,
-            "world_size": self.world.world_size,
-        }
-        if image_stats is not None:
-            state["image_stats"] = image_stats.state_dict()
-            image_stats.write(self.run_dir)
-        path = save_checkpoint(self.ckpt_dir, self.pos.step, state, self.config["keep"])
+        self.pos.nonfinite_total = int(self.train_step.nonfinite_total)
+        record = {"position": asdict(self.pos), "network": self.config["network"],
+                  "dataset": self.dataset, "global_batch": self.global_batch}
+        path = save_state(self.parts, record, ckpt_dir=self.ckpt_dir, run_dir=self.run_dir,
+                          keep=self.config["keep"])
         self.saved_at = self.pos.step
+        if path is None:
+            return
         log.info("checkpoint %s", path)
         self._exclude_from_throughput(started)
-
-    def _whole_head_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Head and optimizer state as one process holds them: a split head's rows (and
-        their momentum) gathered into the whole matrix on rank 0 (all ranks take part)."""
-        head, optimizer = self.head.state_dict(), self.optimizer.state_dict()
-        if getattr(self.head, "weight_rows", None) is None:
-            return head, optimizer
-        ranks, rows = self.world.ranks, self.head.num_classes
-        index = self._optimizer_index(self.head.weight)
-        moment = optimizer["state"][index]
-        head["weight"] = gather_rows(head["weight"], rows, ranks)
-        # A new dict: the optimizer's own state must keep this rank's rows.
-        optimizer["state"] = {**optimizer["state"], index: {
-            **moment, "momentum_buffer": gather_rows(moment["momentum_buffer"], rows, ranks)}}
-        return head, optimizer
-
-    def _optimizer_index(self, param: torch.nn.Parameter) -> int:
-        """``param``'s key in the optimizer's state_dict (its place over all groups)."""
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        return next(i for i, p in enumerate(params) if p is param)
-
-    def _whole_image_stats(self) -> ImageStats | None:
-        """The per-image sums over every rank's class images (each rank saw other ones)."""
-        if self.image_stats is None or self.world.world_size == 1:
-            return self.image_stats
-        whole = ImageStats(self.image_stats.count.numel(), self.image_stats.k, self.device)
-        whole.load_state_dict({name: self.world.sum(value)
-                               for name, value in self.image_stats.state_dict().items()})
-        return whole
-
-    def _restore(self, state: dict[str, Any]) -> None:
-        self._check_same_dataset(state)
-        self._check_global_batch(state)
-        self.pos = Position(**state["position"])
-        self.backbone.load_state_dict(state["backbone"])
-        head, optimizer = state["head"], state["optimizer"]
-        if getattr(self.head, "weight_rows", None) is not None:  # this rank's rows only
-            index = self._optimizer_index(self.head.weight)
-            moment = optimizer["state"][index]
-            head = {**head, "weight": take_rows(head["weight"], self.world.ranks)}
-            optimizer = {**optimizer, "state": {**optimizer["state"], index: {
-                **moment, "momentum_buffer": take_rows(moment["momentum_buffer"],
-                                                       self.world.ranks)}}}
-        self.head.load_state_dict(head)
-        self.optimizer.load_state_dict(optimizer)
-        self.step.scaler.load_state_dict(state["scaler"])
-        self.step.nonfinite_total.fill_(self.pos.nonfinite_total)
-        # The sums are the whole run's: one rank continues them, the others add to zero.
-        if self.image_stats is not None and "image_stats" in state and self.world.is_main:
-            self.image_stats.load_state_dict(state["image_stats"])
-        set_rng_state(state["rng"])
-
-    def _check_global_batch(self, state: dict[str, Any]) -> None:
-        """Any number of ranks may resume a run, as long as the global batch (hence the
-        sample order, the schedule and attfc's container) stays the same."""
-        saved, ranks = state.get("global_batch"), state.get("world_size", 1)
-        if saved is None or saved == self.global_batch:
-            return
-        world = self.world.world_size
-        hint = (f"pass --batch-size {saved // world} to keep it" if saved % world == 0
-                else f"{saved} does not split over {world} ranks; use a number of ranks "
-                "that divides it")
-        raise UserError(f"--resume: {self.ckpt_dir} was trained with a global batch of {saved} "
-                        f"({saved // ranks} per rank x {ranks}); this run's is "
-                        f"{self.global_batch} (--batch-size {self.config['batch_size']} x "
-                        f"{world}): {hint}, or train into a new --output")
-
-    def _check_same_dataset(self, state: dict[str, Any]) -> None:
-        """A run resumes on the data it started on (a copy elsewhere is fine, as the manifest
-        fingerprint travels with it); another dataset would silently mislabel every class."""
-        trained_on = state.get("dataset")
-        if trained_on is not None and trained_on != self.dataset:
-            raise UserError(f"--resume: {self.ckpt_dir} was trained on another dataset "
-                            f"({trained_on['num_identities']} identities, "
-                            f"{trained_on['num_images']} images) than --shards "
-                            f"{self.config['shards']} ({self.dataset['num_identities']}, "
-                            f"{self.dataset['num_images']}, other fingerprint); resume with "
-                            "the run's own shards, or train into a new --output")
 
     def _backbone_weights(self) -> dict[str, torch.Tensor]:
         """CPU copies, so the file loads on machines without a GPU."""

@@ -136,6 +136,7 @@ class AttFCHead(nn.Module):
 
     needs_class_images = True
     summed_stats = ("masked_conflicts",)  # counts: across ranks they add up (the rest average)
+    weight_rows = None  # no class matrix: every rank holds the whole head
 
     def __init__(self, feature_encoder: nn.Module, num_classes: int, embedding_size: int,
                  batch_size: int, margin: Margin, sample_rate: float = 0.3, k: int = 2,
@@ -157,6 +158,7 @@ class AttFCHead(nn.Module):
         self.class_encoder = copy.deepcopy(feature_encoder).requires_grad_(False)
         self.dcc = DynamicClassContainer(dcc_capacity(num_classes, sample_rate, batch_size),
                                          embedding_size, dtype=dcc_dtype)
+        self.num_classes = num_classes
         self.margin = margin
         self.k = k
         self.class_encoder_momentum = class_encoder_momentum

@@ -27,6 +27,7 @@ class FCHead(nn.Module):
     """cos(f, W) over all N classes in fp32; the baseline AttFC is measured against."""
 
     needs_class_images = False
+    summed_stats = ()
 
     def __init__(self, num_classes: int, embedding_size: int, margin: Margin,
                  ranks: Ranks | None = None) -> None:

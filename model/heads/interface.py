@@ -4,7 +4,7 @@ and its forward's return value."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol, Self
+from typing import ClassVar, Protocol, Self, runtime_checkable
 
 import torch
 from torch import nn
@@ -53,6 +53,7 @@ class HeadOutput:
     class_scores: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
+@runtime_checkable
 class Head(Protocol):
     """A classification head ``train`` can swap with ``--head``.
 
@@ -60,12 +61,16 @@ class Head(Protocol):
     built whether to decode k class images per sample.
 
     Across several ranks: a model-parallel head (fc, partialfc) holds rows ``weight_rows``
-    (start, stop) of its ``weight`` [num_classes, D] (None: all of them), which ``train``
-    gathers into the whole matrix for checkpoints; stats named in ``summed_stats`` are added
-    over the ranks when logged, the others averaged.
+    (start, stop) of its ``weight`` [num_classes, D], which ``train`` gathers into the whole
+    matrix for checkpoints; ``weight_rows`` None means every parameter is whole on every rank
+    (attfc, any head on one process). Stats named in ``summed_stats`` are added over the
+    ranks when logged, the others averaged.
     """
 
     needs_class_images: ClassVar[bool]
+    summed_stats: ClassVar[tuple[str, ...]]
+    num_classes: int
+    weight_rows: tuple[int, int] | None
 
     @classmethod
     def from_options(cls, options: HeadOptions) -> Self:

@@ -35,6 +35,7 @@ class PartialFCHead(nn.Module):
     """Margin softmax over a sampled subset of class centres (positives always kept)."""
 
     needs_class_images = False
+    summed_stats = ()
 
     def __init__(self, num_classes: int, embedding_size: int, margin: Margin,
                  sample_rate: float = 0.3, ranks: Ranks | None = None) -> None:
