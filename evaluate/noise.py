@@ -17,12 +17,17 @@ shard's json records it, identity, image, shard, score, ...; its first column is
 thumbnails (each suspect beside its identity's most typical photo) and RUN/noise/noise.json.
 On synthetic shards with planted truth (``--mislabeled-share``) it also measures precision
 and recall at K against the mislabeled and the degraded photos.
+
+A run trained with a norm-aware margin (MagFace, AdaFace) gets a second score column: each
+photo's feature norm by RUN/model.pt (no flip, before normalisation), which those losses tie
+to image quality (low norm: a hard or unusable photo), ranked lowest first.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import tarfile
 import tomllib
 from dataclasses import dataclass
@@ -33,7 +38,10 @@ import numpy as np
 
 from common.errors import UserError
 from common.files import write_atomic
+from common.progress import Progress
 from data_engine.loading.reader import ShardReader
+
+log = logging.getLogger("evaluate.noise")
 
 IMAGE_STATS = "image_stats.npz"  # written by train, per image id: count, alpha_sum, cos_sum
 NOISE_DIR = "noise"
@@ -152,6 +160,34 @@ def precision_recall_at_k(flagged: np.ndarray, ks: list[int]) -> list[dict[str, 
     return rows
 
 
+def feature_norms(model_path: Path, reader: ShardReader, batch_size: int = 256) -> np.ndarray:
+    """‖F(x)‖ of every photo of the shards by the feature encoder at ``model_path``."""
+    import simplejpeg
+
+    from evaluate.features import load_embedder
+
+    embed = load_embedder(model_path)
+    norms = np.empty(reader.num_images, np.float32)
+    with Progress(reader.num_images, "feature norms", "img") as progress:
+        for start in range(0, reader.num_images, batch_size):
+            ids = range(start, min(start + batch_size, reader.num_images))
+            batch = np.stack([simplejpeg.decode_jpeg(reader.read_image(i), colorspace="RGB")
+                              for i in ids]).transpose(0, 3, 1, 2)
+            norms[start:start + len(ids)] = np.linalg.norm(embed(batch, flip=False), axis=1)
+            progress.update(len(ids))
+    return norms
+
+
+def _norm_margin(run_dir: Path) -> str | None:
+    """The run's margin when it ties the feature norm to quality (MagFace, AdaFace)."""
+    from model.margins import build_margin
+
+    if not (run_dir / "config.toml").is_file():
+        return None
+    margin = run_config(run_dir).get("margin", "arcface")
+    return margin if build_margin(margin).uses_norms else None
+
+
 def analyse(run_dir: Path, shards_dir: Path | None = None) -> dict[str, Any]:
     """Scores, the ranking and (with planted truth) precision/recall at K, in memory."""
     run_dir = Path(run_dir)
@@ -164,7 +200,16 @@ def analyse(run_dir: Path, shards_dir: Path | None = None) -> dict[str, Any]:
     scored = np.flatnonzero(np.isfinite(score))
     order = scored[np.argsort(-score[scored], kind="stable")]
     result: dict[str, Any] = {"reader": reader, "table": table, "stats": stats,
-                              "score": score, "score_is": meaning, "order": order}
+                              "score": score, "score_is": meaning, "order": order,
+                              "norm": None, "norm_is": None}
+    margin, model_path = _norm_margin(run_dir), run_dir / "model.pt"
+    if margin is not None and not model_path.is_file():
+        log.warning("%s: not found, so no feature-norm column for this %s run", model_path,
+                    margin)
+    elif margin is not None:
+        result["norm"] = feature_norms(model_path, reader)
+        result["norm_is"] = (f"feature norm by {model_path} (the run trained with the {margin} "
+                             "margin, which ties it to quality: lowest first)")
     if table.mislabeled is not None:
         truth = {"mislabeled": table.mislabeled, "degraded": table.degraded,
                  "either": table.mislabeled | table.degraded}
@@ -174,6 +219,10 @@ def analyse(run_dir: Path, shards_dir: Path | None = None) -> dict[str, Any]:
         result["at_k"] = {name: precision_recall_at_k(flags[order], sizes)
                           for name, flags in truth.items()}
         result["planted"] = {name: int(flags[order].sum()) for name, flags in truth.items()}
+        if result["norm"] is not None:  # the same photos, ranked by norm instead
+            by_norm = order[np.argsort(result["norm"][order], kind="stable")]
+            result["at_k_by_norm"] = {name: precision_recall_at_k(flags[by_norm], sizes)
+                                      for name, flags in truth.items()}
     return result
 
 
@@ -204,6 +253,11 @@ def write_noise(run_dir: Path, shards_dir: Path | None = None, thumbnails: int =
     identity_rank = _identity_ranks(table.labels, score, order)
     header = ["path", "identity", "image", "shard", "label", "score", "mean_cos",
               "mean_alpha_x_k", "times_class_image", "rank", "rank_in_identity"]
+    norm = found["norm"]
+    if norm is not None:
+        header += ["feature_norm", "norm_rank"]
+        norm_rank = np.empty(len(norm), np.int64)
+        norm_rank[np.argsort(norm, kind="stable")] = np.arange(1, len(norm) + 1)
     truth = table.mislabeled is not None
     if truth:
         header += ["planted_mislabeled", "planted_degraded"]
@@ -212,6 +266,8 @@ def write_noise(run_dir: Path, shards_dir: Path | None = None, thumbnails: int =
         row = [table.paths[i], table.identities[i], table.names[i], table.shards[i],
                str(int(table.labels[i])), f"{score[i]:.5f}", f"{mean_cos[i]:.5f}",
                f"{mean_alpha[i]:.4f}", str(int(count[i])), str(rank), str(identity_rank[i])]
+        if norm is not None:
+            row += [f"{norm[i]:.4f}", str(int(norm_rank[i]))]
         if truth:
             row += [str(int(table.mislabeled[i])), str(int(table.degraded[i]))]
         lines.append("\t".join(field.replace("\t", " ") for field in row))
@@ -220,7 +276,8 @@ def write_noise(run_dir: Path, shards_dir: Path | None = None, thumbnails: int =
     _thumbnails(found["reader"], table, shown, mean_cos, score, out_dir / "suspects.png")
     summary = {"run": str(run_dir), "images": len(count), "scored": len(order),
                "k": k, "score_is": found["score_is"], "planted": found.get("planted"),
-               "at_k": found.get("at_k"),
+               "at_k": found.get("at_k"), "second_score_is": found["norm_is"],
+               "at_k_by_norm": found.get("at_k_by_norm"),
                "top": [{"path": table.paths[i], "identity": table.identities[i],
                         "score": float(score[i])} for i in shown]}
     write_atomic(out_dir / "noise.json", (json.dumps(summary, indent=1) + "\n").encode())
@@ -281,6 +338,14 @@ def _truth_tag(table: ImageTable, i: int) -> str:
     return " M" if table.mislabeled[i] else " D" if table.degraded[i] else " ok"
 
 
+def _at_k_table(at_k: dict[str, list[dict[str, float]]]) -> list[str]:
+    lines = ["| photos | K | precision@K | recall@K | chance |", "|---|---|---|---|---|"]
+    for name, rows in at_k.items():
+        lines += [f"| {name} | {r['k']} | {100 * r['precision']:.1f} % | "
+                  f"{100 * r['recall']:.1f} % | {100 * r['chance']:.1f} % |" for r in rows]
+    return lines
+
+
 def _page(summary: dict[str, Any], images: int) -> str:
     lines = [f"# Suspect photos: {summary['run']}", "",
              f"{summary['scored']} of {images} images scored (each time a photo serves as a "
@@ -292,13 +357,14 @@ def _page(summary: dict[str, Any], images: int) -> str:
              "`--exclude`:", "",
              "```", "head -n 101 noise.tsv > exclude.tsv   # the 100 most suspicious",
              "python -m data_engine.shard ... --out NEW_DIR --exclude exclude.tsv", "```", ""]
+    if summary["second_score_is"]:
+        lines += [f"Second score (columns `feature_norm`, `norm_rank`): "
+                  f"{summary['second_score_is']}.", ""]
     if summary["at_k"]:
-        lines += ["## Against the planted truth", "",
-                  "| photos | K | precision@K | recall@K | chance |", "|---|---|---|---|---|"]
-        for name, rows in summary["at_k"].items():
-            lines += [f"| {name} | {r['k']} | {100 * r['precision']:.1f} % | "
-                      f"{100 * r['recall']:.1f} % | {100 * r['chance']:.1f} % |" for r in rows]
-        lines.append("")
+        lines += ["## Against the planted truth", "", *_at_k_table(summary["at_k"]), ""]
+        if summary["at_k_by_norm"]:
+            lines += ["Ranked by feature norm instead (lowest first):", "",
+                      *_at_k_table(summary["at_k_by_norm"]), ""]
         lines.append("Thumbnail tags: M planted mislabeled, D degraded (blur, occlusion, low "
                      "resolution, noise), ok neither.")
         lines.append("")

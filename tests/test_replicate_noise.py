@@ -156,3 +156,11 @@ def test_noise_report_finds_planted_mislabeled_photos_far_above_chance(tmp_path,
     planted = next(row for row in at_k if row["k"] == summary["planted"]["mislabeled"])
     assert planted["chance"] == pytest.approx(0.146, abs=0.01)
     assert planted["precision"] >= 2.5 * planted["chance"], at_k
+
+
+def test_the_sweep_has_an_adaface_row():
+    from bench.replicate import sweep
+
+    runs = {run.name: run for run in sweep((0, 1, 2))}
+    assert runs["attfc-adaface"].flags[-2:] == ("--margin", "adaface")
+    assert runs["attfc-adaface"].facts["head"] == "attfc" and len(runs) == 19

@@ -72,3 +72,44 @@ def test_margin_settings_are_checked(run_cli, data, tmp_path):  # noqa: F811
     done = run_cli("train", "--shards", data / "shards", "--output", tmp_path / "run", *TINY,
                    "--margin-args", "[1]", timeout=120)
     assert done.returncode == 2 and "--margin-args [1]: expected a JSON object" in done.stderr
+
+
+def test_noise_report_adds_the_feature_norm_after_magface(run_cli, tmp_path):
+    """An attfc run with MagFace: ``evaluate noise`` adds each photo's feature norm by
+    RUN/model.pt as a second score, says so, and ranks the planted truth by it too."""
+    import simplejpeg
+
+    from data_engine.loading.reader import ShardReader
+    from evaluate.features import embed_batch, load_backbone
+    from evaluate.noise import read_image_table
+
+    shards, run = tmp_path / "shards", tmp_path / "run"
+    done = run_cli("data_engine.shard", "--src", "synthetic", "--identities", "8",
+                   "--images-per-identity", "4", "--seed", "0", "--mislabeled-share", "0.2",
+                   "--out", shards, "--workers", "1")
+    assert done.returncode == 0, done.stderr
+    _train(run_cli, tmp_path, run, "--head", "attfc", "--margin", "magface",
+           "--max-steps", "2")
+    done = run_cli("evaluate", "noise", run, "--thumbnails", "2", timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = (run / "noise" / "noise.tsv").read_text().splitlines()
+    rows = [dict(zip(lines[0].split("\t"), line.split("\t"))) for line in lines[1:]]
+    assert {"feature_norm", "norm_rank"} <= set(rows[0])
+    ranks = sorted(rows, key=lambda r: int(r["norm_rank"]))
+    norms = [float(r["feature_norm"]) for r in ranks]
+    assert norms == sorted(norms)  # rank 1: the lowest norm
+    backbone = load_backbone(run / "model.pt")  # one photo's norm, computed here
+    reader = ShardReader(shards)
+    paths = read_image_table(reader).paths
+    image_id = paths.index(ranks[0]["path"])
+    pixels = simplejpeg.decode_jpeg(reader.read_image(image_id), colorspace="RGB")
+    with torch.no_grad():
+        feature = embed_batch(backbone, torch.from_numpy(pixels).permute(2, 0, 1)[None],
+                              flip=False)
+    assert float(feature.norm()) == pytest.approx(norms[0], abs=1e-3)
+    summary = json.loads((run / "noise" / "noise.json").read_text())
+    assert "magface margin" in summary["second_score_is"]
+    assert set(summary["at_k_by_norm"]) == {"mislabeled", "degraded", "either"}
+    assert "Second score (columns `feature_norm`, `norm_rank`)" in (
+        run / "noise" / "noise.md").read_text()
+
