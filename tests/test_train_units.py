@@ -36,6 +36,22 @@ def test_config_precedence_defaults_toml_flags(tmp_path):
     assert load_toml(saved) == config  # the saved effective config reads back unchanged
 
 
+def test_resume_keeps_the_margin_settings(tmp_path):
+    """--margin-args compare as JSON objects (spacing and key order do not count)."""
+    shards, run = tmp_path / "shards", tmp_path / "run"
+    shards.mkdir()
+    run.mkdir()
+    saved = _resolve(["--shards", str(shards), "--output", str(run), "--margin", "adaface",
+                      "--margin-args", '{"h": 0.5, "m": 0.3}'])
+    (run / "config.toml").write_text(to_toml(saved))
+    same = _resolve(["--output", str(run), "--resume", "--margin-args", '{"m":0.3,"h":0.5}'])
+    assert same["margin"] == "adaface"
+    with pytest.raises(UserError, match=r"--margin-args .* -> \{\"h\": 0.4\}"):
+        _resolve(["--output", str(run), "--resume", "--margin-args", '{"h": 0.4}'])
+    with pytest.raises(UserError, match=r"--margin-m2 0\.3 -> 0\.1"):
+        _resolve(["--output", str(run), "--resume", "--margin-m2", "0.1"])
+
+
 @pytest.mark.parametrize("text, message", [
     ("nope = 1\n", "unknown setting 'nope'"),
     ('lr = "fast"\n', "expected float"),
