@@ -107,6 +107,18 @@ def plot_training(record: RunRecord, out_dir: Path) -> list[Path]:
         axis.set_ylabel("mean (max α − min α) over the k class images")
         axis.set_title("AttFC attention-weight spread")
         plots.append(_save(fig, out_dir / "attention_spread.png"))
+
+    steps, mean = _series(record.train_rows, "spread_cos_mean")
+    if steps:
+        fig, axis = plt.subplots(figsize=(7, 4))
+        axis.plot(steps, mean, color="tab:purple", label="mean")
+        axis.plot(*_series(record.train_rows, "spread_cos_median"), color="tab:red",
+                  label="median")
+        axis.set_xlabel("step")
+        axis.set_ylabel("cosine between different identities")
+        axis.set_title("Embedding spread in the batch (near 1: a narrow cone)")
+        axis.legend()
+        plots.append(_save(fig, out_dir / "embedding_spread.png"))
     return plots
 
 

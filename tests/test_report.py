@@ -19,6 +19,7 @@ def _write_run(run, shards):
         "batch_size = 32\n")
     rows = [{"step": s, "epoch": 0, "loss": 50.0 - s / 10, "lr": 0.1 * (1 - s / 300),
              "samples_per_s": 30.0 + s % 3, "images_per_s": 90.0, "attention_spread": 0.05,
+             "spread_cos_mean": 0.3 + s / 1000, "spread_cos_median": 0.28 + s / 1000,
              "masked_conflicts": 2.0, "mem_bytes": 2**30} for s in range(10, 301, 10)]
     rows.insert(15, {"step": 150, "epoch": 0, "kind": "val", "synthetic_heldout": 0.70,
                      "mean": 0.70})
@@ -50,7 +51,8 @@ def test_report_table_and_plots(run_cli, tmp_path):
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert cells == ["attfc (mbf)", "576", "99.12", "–", "–", "–", "12.34", "1.00 GiB", "31"]
     assert "synthetic_heldout** (validation .bin at step 300) accuracy 75.00 %" in report
-    for name in ("loss_lr", "throughput", "attention_spread", "validation", "roc"):
+    for name in ("loss_lr", "throughput", "attention_spread", "embedding_spread", "validation",
+                 "roc"):
         png = run / "report" / f"{name}.png"
         assert png.read_bytes()[:8] == PNG_MAGIC, name
         assert f"(report/{name}.png)" in report

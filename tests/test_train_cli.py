@@ -65,7 +65,8 @@ def test_train_end_to_end_then_export(run_cli, data, tmp_path):
     records = _records(run)
     assert [r["step"] for r in records] == list(range(1, 41))
     for key in ("epoch", "loss", "lr", "samples_per_s", "images_per_s", "attention_spread",
-                "masked_conflicts", "mem_bytes", "nonfinite_total"):
+                "masked_conflicts", "mem_bytes", "nonfinite_total", "spread_cos_mean",
+                "spread_cos_median"):
         assert key in records[0], key
     assert records[-1]["epoch"] == 3 and records[0]["lr"] == pytest.approx(0.1)
     first = sum(r["loss"] for r in records[:10]) / 10

@@ -16,6 +16,7 @@ from torch import nn
 
 from common.device import apply_tf32_policy
 from model.backbones import normalize_images
+from train.embedding_spread import embedding_spread
 from train.image_stats import ImageStats
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -89,6 +90,7 @@ class TrainStep:
         with self._autocast():
             features = self.forward_backbone(images)
             out = self.head(features, batch.labels, class_images)
+        out.stats.update(embedding_spread(features, batch.labels))
         loss = out.loss.float()
         if poison:  # the --inject-nan-at-step test hook
             loss = loss * float("nan")
