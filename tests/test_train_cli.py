@@ -88,14 +88,18 @@ def test_train_end_to_end_then_export(run_cli, data, tmp_path):
 
 
 def test_resume_is_exact(run_cli, data, tmp_path):
-    """12 steps straight == 5 steps, stop, resume, 7 more (crossing an epoch boundary)."""
+    """12 steps straight == 5 steps, stop, resume, 7 more (crossing an epoch boundary); the
+    resumed part recomputes its activations (--activation-checkpointing), which must not
+    change a bit of the weights, momentum or BatchNorm statistics."""
     common = ["--shards", data / "shards", *TINY, "--epochs", "2", "--log-every", "4"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     for run, steps in ((straight, "12"), (split, "5")):
         done = run_cli("train", *common, "--output", run, "--max-steps", steps, timeout=300)
         assert done.returncode == 0, done.stderr
-    done = run_cli("train", "--output", split, "--resume", "--max-steps", "12", timeout=300)
+    done = run_cli("train", "--output", split, "--resume", "--max-steps", "12",
+                   "--activation-checkpointing", timeout=300)
     assert done.returncode == 0, done.stderr
+    assert "activation_checkpointing = true" in done.stdout
 
     a = torch.load(straight / "checkpoints" / "step-000000012.pt", weights_only=True)
     b = torch.load(split / "checkpoints" / "step-000000012.pt", weights_only=True)

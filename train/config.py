@@ -96,6 +96,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("precision", "auto", "autocast precision (auto: bf16 on CUDA, fp32 on CPU; fp16 "
            "adds a grad scaler)", ("auto", "bf16", "fp16", "fp32"), group="speed"),
     Option("compile", False, "torch.compile the feature encoder", group="speed"),
+    Option("activation_checkpointing", False, "recompute each iresnet stage / MobileFaceNet "
+           "block in backward instead of keeping its activations: less GPU memory, the same "
+           "gradients, a slower step (not with --compile)", group="speed"),
     Option("deterministic", False, "deterministic kernels (no cuDNN autotuning): a run, "
            "interrupted and resumed or not, gives bit-identical weights on the same GPU; "
            "slower. attfc only: fc and partialfc stay non-deterministic on CUDA (torch has "
@@ -274,6 +277,9 @@ def _check(config: dict[str, Any]) -> None:
         raise UserError(f"--gamma {config['gamma']}: must be in [0, 1)")
     for key in _JSON_OPTIONS:
         json_object(key, config[key])
+    if config["activation_checkpointing"] and config["compile"]:
+        raise UserError("--activation-checkpointing with --compile: torch.compile cannot "
+                        "keep BatchNorm's statistics out of the recomputation; drop one")
     if config["lr"] <= 0:
         raise UserError(f"--lr {config['lr']}: must be > 0")
 

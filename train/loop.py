@@ -205,6 +205,7 @@ class Trainer:
                                  **network_args(c))
         except TypeError as error:
             raise UserError(f"--network-args {c['network_args']}: {error}") from None
+        backbone.activation_checkpointing = c["activation_checkpointing"]
         if c["init"] and fresh:  # before build_head: attfc's class encoder starts as a copy
             load_weights(backbone, read_state_dict(c["init"]), c["init"], c["network"])
             log.info("feature encoder initialised from %s", c["init"])

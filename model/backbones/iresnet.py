@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from model.backbones.checkpointing import run_segment
+
 #: blocks per stage for each depth (insightface's published configurations)
 LAYERS: dict[int, tuple[int, int, int, int]] = {
     18: (2, 2, 2, 2),
@@ -51,7 +53,13 @@ class IBasicBlock(nn.Module):
 
 
 class IResNet(nn.Module):
-    """112x112 RGB in [-1, 1] -> embedding; every stage halves the resolution (112 -> 7)."""
+    """112x112 RGB in [-1, 1] -> embedding; every stage halves the resolution (112 -> 7).
+
+    ``activation_checkpointing``: recompute each stage in backward instead of keeping its
+    activations (:mod:`model.backbones.checkpointing`).
+    """
+
+    activation_checkpointing = False
 
     def __init__(self, layers: tuple[int, int, int, int], embedding_size: int = 512,
                  dropout: float = 0.0) -> None:
@@ -83,7 +91,8 @@ class IResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.prelu(self.bn1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = run_segment(stage, x, self.activation_checkpointing)
         x = self.dropout(torch.flatten(self.bn2(x), 1))
         return self.features(self.fc(x))
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from model.backbones.checkpointing import run_segment
+
 
 class ConvBlock(nn.Module):
     """conv -> BN -> PReLU, stored as ``layers.{0,1,2}``."""
@@ -89,7 +91,13 @@ class GDC(nn.Module):
 
 
 class MobileFaceNet(nn.Module):
-    """112x112 -> 7x7x512 feature map -> GDC embedding."""
+    """112x112 -> 7x7x512 feature map -> GDC embedding.
+
+    ``activation_checkpointing``: recompute each block of ``layers`` in backward instead of
+    keeping its activations (:mod:`model.backbones.checkpointing`).
+    """
+
+    activation_checkpointing = False
 
     def __init__(self, embedding_size: int = 512, blocks: tuple[int, int, int, int] = (1, 4, 6, 2),
                  scale: int = 2) -> None:
@@ -116,5 +124,5 @@ class MobileFaceNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
-            x = layer(x)
+            x = run_segment(layer, x, self.activation_checkpointing)
         return self.features(self.conv_sep(x))
