@@ -144,10 +144,11 @@ def finished_verdict(run: str):
     def verdict(ctx: Context, outputs: list[str]) -> dict[str, Any]:
         records = [json.loads(line) for line in
                    (ctx.work / run / "metrics.jsonl").read_text().splitlines()]
-        train = [r for r in records if r.get("kind") != "val"]
+        train = training_records(ctx.work / run)
         val = [r for r in records if r.get("kind") == "val"]
         finite = all(abs(r["loss"]) < float("inf") for r in train)
-        return {"ok": bool(train) and finite, "final_step": train[-1]["step"] if train else None,
+        final_step = train[-1]["step"] if train else None
+        return {"ok": finite and final_step == ctx.sizes.short_steps, "final_step": final_step,
                 "losses": [r["loss"] for r in train], "validations": val,
                 **throughput(ctx.work / run)}
     return verdict
@@ -203,8 +204,10 @@ def needs(*what: str, why: str = ""):
 
 
 def cpu_run_flags(ctx: Context) -> tuple[Any, ...]:
-    """The CPU half of resume_cpu_checkpoint: a tiny fp32 run, quick on the host's cores."""
-    return ("--batch-size", ctx.pick(16, ctx.sizes.batch), "--precision", "fp32")
+    """The CPU half of resume_cpu_checkpoint: a tiny fp32 run, quick on the host's cores; the
+    torch backend, which the resumed half keeps, so both halves decode with libjpeg-turbo."""
+    return ("--batch-size", ctx.pick(16, ctx.sizes.batch), "--precision", "fp32",
+            "--backend", "torch")
 
 
 def _sigterm_step(ctx: Context) -> int:
