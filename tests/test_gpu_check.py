@@ -14,6 +14,7 @@ import pytest
 
 from bench import gpu_check
 from bench.check_harness import CheckError, Command, Context
+from bench.resume_compare import compare_losses, compare_weights
 from tests.conftest import REPO
 
 GPU_ONLY = ("train_compile", "loader_dali")
@@ -151,3 +152,56 @@ def test_every_planned_gpu_command_parses(tmp_path) -> None:
     assert seen == {"data_engine.shard", "pytest", "train", "torch.distributed.run",
                     "bench.pixel_compare", "evaluate", "bench.loader", "bench.train_step",
                     "bench.heads"}
+
+
+def test_weight_comparison_by_hand(tmp_path) -> None:
+    import torch
+
+    base = {"w": torch.tensor([2.0, -4.0]), "steps": torch.tensor(3)}
+    torch.save(base, tmp_path / "a.pt")
+    cases = {"same": [2.0, -4.0], "close": [2.0, -4.02], "far": [2.0, -4.08]}
+    for name, values in cases.items():
+        torch.save({**base, "w": torch.tensor(values)}, tmp_path / f"{name}.pt")
+    same = compare_weights(tmp_path / "a.pt", tmp_path / "same.pt")
+    assert same["weights_identical"] and same["weights_match"]
+    close = compare_weights(tmp_path / "a.pt", tmp_path / "close.pt")
+    assert not close["weights_identical"] and close["weights_match"]
+    assert close["max_rel_weight_diff"] == pytest.approx(0.02 / 4) and close["worst_tensor"] == "w"
+    far = compare_weights(tmp_path / "a.pt", tmp_path / "far.pt")  # 0.08 / 4 = 2 % > 1 %
+    assert not far["weights_match"]
+
+
+def _metrics(run, losses: list[float]) -> None:
+    run.mkdir()
+    rows = [{"step": i + 1, "loss": loss, "samples_per_s": 1.0, "images_per_s": 3.0}
+            for i, loss in enumerate(losses)]
+    rows.insert(1, {"step": 1, "kind": "val", "mean": 0.5})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_loss_comparison_by_hand(tmp_path) -> None:
+    """Relative to max(|loss|, 1): attfc's first loss is ~0, a decoder's rounding moves it
+    by far less than 1e-2 in absolute terms."""
+    _metrics(tmp_path / "a", [0.0002, 36.0, 35.0, 34.0, 1.0])
+    _metrics(tmp_path / "b", [0.0003, 36.1, 35.0, 34.0, 9.0])  # step 5 is not compared
+    _metrics(tmp_path / "c", [0.0002, 36.0, 35.0, 33.0])
+    close = compare_losses(tmp_path / "a", tmp_path / "b")
+    assert close["steps"] == [1, 2, 3, 4] and close["losses_match"]
+    assert close["max_rel_loss_diff"] == pytest.approx(0.1 / 36)
+    assert not compare_losses(tmp_path / "a", tmp_path / "c")["losses_match"]  # 1/34 > 1e-2
+
+
+def test_pixel_agreement_sees_another_steps_images() -> None:
+    import torch
+
+    from bench.pixel_compare import agreement
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (8, 3, 4, 4), dtype=torch.uint8, generator=generator)
+    rounded = (images.int() + torch.randint(-1, 2, images.shape, generator=generator)).clamp(
+        0, 255).to(torch.uint8)  # a decoder rounding one level either way
+    assert agreement(rounded, images)["ok"]
+    swapped = images.clone()
+    swapped[3] = torch.randint(0, 256, (3, 4, 4), dtype=torch.uint8, generator=generator)
+    result = agreement(swapped, images)  # one image of eight from another step
+    assert not result["ok"] and result["max_abs_diff"] > 100
