@@ -1,9 +1,11 @@
 """k nearest neighbours by cosine over unit vectors with faiss: exact where it fits.
 
-Exact search (IndexFlatIP) costs N·M·D multiply-adds for N queries against M vectors; on
-the CPU it is used up to ``FLAT_MAX`` vectors, past that an HNSW graph (M = 32 links,
-efSearch 128) answers in about log N per query at a small loss of recall
-(bench/knn_scale.py measures both). On a GPU, exact search is fast enough at any size
+Exact search (IndexFlatIP) of all N centres against each other costs N²·D multiply-adds;
+an HNSW graph (32 links, efSearch 128) costs about N log N to build and to search, at a
+small loss of recall. Measured on the CPU (``python -m bench.knn_scale``, one thread, D =
+512, BENCHMARKS.md): at 50k centres exact search took 390 s against HNSW's 296 s build +
+272 s search, at 20k 29 s against 151 s, so the two cross between 50k and 100k centres:
+exact up to ``FLAT_MAX``, HNSW past it. On a GPU, exact search is fast enough at any size
 this project meets (2M centres), so it is always exact there.
 """
 
@@ -17,7 +19,7 @@ from evaluate.search import GPU_MAX_K, faiss_gpu
 
 log = logging.getLogger("evaluate.knn")
 
-FLAT_MAX = 200_000
+FLAT_MAX = 100_000
 HNSW_LINKS = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128

@@ -1,0 +1,54 @@
+"""bench/clean_retrain.py's tiny loop end to end (train, noise + duplicates reports,
+reshard with exclusions and merges, retrain, before/after table, rerun skips) and
+bench/knn_scale.py at toy sizes (exact vs HNSW numbers, the 2M extrapolation labelled)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def _bench(name, *args):
+    return subprocess.run([sys.executable, "-m", f"bench.{name}", *map(str, args)],
+                          capture_output=True, text=True, timeout=1200, cwd=REPO)
+
+
+def test_tiny_clean_and_retrain_loop(tmp_path):
+    out = tmp_path / "clean"
+    done = _bench("clean_retrain", "--out", out, "--size", "tiny")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["seeds"] == [0] and "--exclude-share 0.1" in summary["command"]
+    result = json.loads((out / "clean_retrain.json").read_text())
+    row = result["rows"][0]
+    for when in ("before", "after"):
+        assert 0.0 <= row[when]["accuracy"] <= 1.0 and 0.0 <= row[when]["tar@0.0001"] <= 1.0
+    cleaned = json.loads((out / "clean-s0" / "shards" / "manifest.json").read_text())
+    assert cleaned["options"]["exclude_sha256"]  # the noise report's top rows are cut
+    assert cleaned["num_images"] == 16 * 4 - row["cleaning"]["excluded_photos"] == 58
+    assert row["after"]["steps"] < row["before"]["steps"]  # same epochs, fewer photos
+    text = (out / "clean_retrain.md").read_text()
+    assert "| before cleaning |" in text and "| after cleaning |" in text
+    marks = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")}
+    again = _bench("clean_retrain", "--out", out, "--size", "tiny")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "training" not in again.stdout and "sharding" not in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in marks} == marks
+
+
+def test_knn_scale_at_toy_sizes():
+    done = _bench("knn_scale", "--sizes", "800", "1600", "--dim", "32", "--sample", "200",
+                  "--extrapolate-to", "3200")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [row["centres"] for row in result["rows"]] == [800, 1600]
+    for row in result["rows"]:
+        assert row["hnsw_recall_at_10"] >= 0.9 and row["flat_duplicates_found"] >= 0.9
+        assert row["flat_index_bytes"] >= row["centres"] * 32 * 4
+    extrapolated = result["extrapolated"]
+    assert extrapolated["extrapolated_from"] == 1600 and extrapolated["centres"] == 3200
+    assert extrapolated["flat_query_all_s"] == \
+        result["rows"][1]["flat_query_all_s_extrapolated"] * 4  # N² from 1600 to 3200
