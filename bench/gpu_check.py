@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ from common.cli import ArgumentParser, run_cli
 BUDGET_S = {"cuda": 540.0, "cpu": 1200.0}
 ALL_HEADS = ("fc", "partialfc", "attfc", "official")
 SHORT_TORCH = ("--backend", "torch", "--prefetch", 2)  # one run shared by three checks
+Verdict = Callable[[Context, list[str]], dict[str, Any]]
 
 
 # --- commands the checks share --------------------------------------------------------------
@@ -125,7 +126,7 @@ def _backend(ctx: Context) -> str:
     return resolve_backend("auto", ctx.device)
 
 
-def weights_verdict(a: str, b: str):
+def weights_verdict(a: str, b: str) -> Verdict:
     def verdict(ctx: Context, outputs: list[str]) -> dict[str, Any]:
         result = compare_weights(ctx.work / a / "model.pt", ctx.work / b / "model.pt")
         final = training_records(ctx.work / b)
@@ -139,7 +140,7 @@ def losses_verdict(ctx: Context, outputs: list[str]) -> dict[str, Any]:
     return {"ok": result["losses_match"], **result}
 
 
-def finished_verdict(run: str):
+def finished_verdict(run: str) -> Verdict:
     """The run reached its last step with every logged loss finite; validation rows too."""
     def verdict(ctx: Context, outputs: list[str]) -> dict[str, Any]:
         records = [json.loads(line) for line in
@@ -170,7 +171,7 @@ def evaluate_verdict(ctx: Context, outputs: list[str]) -> dict[str, Any]:
             "tar_at_far": metrics.get("tar_at_far"), "top1": metrics.get("top1")}
 
 
-def bench_verdict(ok):
+def bench_verdict(ok: Callable[[dict[str, Any]], bool]) -> Verdict:
     """The bench's JSON line, judged by ``ok(report)``."""
     def verdict(ctx: Context, outputs: list[str]) -> dict[str, Any]:
         report = last_json(outputs[-1])
@@ -178,7 +179,7 @@ def bench_verdict(ok):
     return verdict
 
 
-def loader_verdict(backend: str):
+def loader_verdict(backend: str) -> Verdict:
     def verdict(ctx: Context, outputs: list[str]) -> dict[str, Any]:
         report = last_json(outputs[-1])
         return {"ok": report["backend"] == backend,
@@ -194,7 +195,7 @@ def all_timed(report: dict[str, Any]) -> bool:
     return all(r["step_s"] is not None for r in report["results"])
 
 
-def needs(*what: str, why: str = ""):
+def needs(*what: str, why: str = "") -> Callable[[Context], None]:
     def check(ctx: Context) -> None:
         if "cuda" in what:
             ctx.need_cuda(why)

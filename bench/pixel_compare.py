@@ -17,9 +17,14 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.cli import ArgumentParser, positive_int, run_cli
+
+if TYPE_CHECKING:
+    import argparse
+
+    import torch
 
 # Agreement of two JPEG decoders on the same files, in levels of 0..255. nvJPEG and
 # libjpeg-turbo round their IDCT and chroma upsampling differently: a few levels at edges.
@@ -37,7 +42,7 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def first_steps(batches: Iterable, steps: int):
+def first_steps(batches: Iterable, steps: int) -> torch.Tensor:
     """identity and class images of the first ``steps`` batches, on the host, concatenated."""
     import torch
 
@@ -49,7 +54,7 @@ def first_steps(batches: Iterable, steps: int):
     return torch.cat(parts)
 
 
-def agreement(images, reference) -> dict[str, Any]:
+def agreement(images: torch.Tensor, reference: torch.Tensor) -> dict[str, Any]:
     import torch
 
     diff = (images.int() - reference.int()).abs().float()
@@ -59,7 +64,7 @@ def agreement(images, reference) -> dict[str, Any]:
             "share_pixels_over_2": (diff > 2).float().mean().item()}
 
 
-def compare(args) -> dict[str, Any]:
+def compare(args: argparse.Namespace) -> dict[str, Any]:
     from data_engine.loading.loader import build_loader
     from train.prefetch import Prefetcher
 
