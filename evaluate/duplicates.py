@@ -320,8 +320,8 @@ def _truth_lines(truth: dict[str, float] | None, what: str) -> list[str]:
 
 def _cut_text(cut: dict[str, Any]) -> str:
     how = (f"robust z ≥ {cut['z']}" if cut["z"] is not None else "given as --threshold")
-    return (f"cosine ≥ {cut['threshold']:.4f} ({how} of the closeness -log(1 - cos): "
-            f"median {cut['median']:.3f}, 1.4826·MAD {cut['scale']:.3f})")
+    return (f"cosine ≥ {cut['threshold']:.4f} ({how}; closeness -log(1 - cos) median "
+            f"{cut['median']:.3f}, 1.4826·MAD {cut['scale']:.3f})")
 
 
 def _page(summary: dict[str, Any]) -> str:
