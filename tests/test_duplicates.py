@@ -167,17 +167,24 @@ def test_planted_duplicates_and_benchmark_people_found_then_merged_and_excluded(
     ijb = tmp_path / "ijb"
     done = run_cli("evaluate", "synth-ijb", "--out", ijb, "--identities", "12", "--seed", "0")
     assert done.returncode == 0, done.stderr
+    pairs_bin = tmp_path / "val" / "heldout.bin"  # the same held-out people as pairs
+    done = run_cli("evaluate", "synth-bin", "--out", pairs_bin, "--identities", "12",
+                   "--pairs", "12", "--seed", "0")
+    assert done.returncode == 0, done.stderr
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.toml").write_text(f"shards = {json.dumps(str(shards))}\n")
     model = tmp_path / "enc.onnx"
     export_onnx(_train(shards, 25), model)
     result = run_cli("evaluate", "duplicates", run, "--model", model, "--against", ijb,
-                     "--z", "1", "--workers", "0", "--device", "cpu", "--thumbnails", "4")
+                     "--against", pairs_bin.parent, "--z", "1", "--workers", "0", "--device",
+                     "cpu", "--thumbnails", "4")
     assert result.returncode == 0, result.stderr
     out = run / "duplicates"
     summary = json.loads((out / "duplicates.json").read_text())
     pairs, overlap = summary["truth"], summary["against"]["truth"]
+    assert [(s["name"], s["items"]) for s in summary["against"]["sets"]] == \
+        [("ijb:ijbc", 36), ("heldout", 24)]
     assert pairs["planted"] >= 3 and overlap["planted"] == 6
     assert pairs["precision"] >= 20 * pairs["chance"] and pairs["recall"] >= 0.5, pairs
     assert overlap["precision"] >= 2 * overlap["chance"] and overlap["recall"] >= 0.5, overlap
