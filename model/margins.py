@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from model.names import MARGINS
+from model.precision import at_least_fp32
 
 # acos has an infinite slope at ±1; clamping keeps forward and backward finite.
 _COS_EPS = 1e-6
@@ -59,7 +60,7 @@ class Margin(nn.Module):
 def _need_norms(norms: torch.Tensor | None, name: str) -> torch.Tensor:
     if norms is None:
         raise ValueError(f"the {name} margin needs each sample's feature norm")
-    return norms.float()
+    return at_least_fp32(norms)
 
 
 class CombinedMargin(Margin):
@@ -84,7 +85,7 @@ class CombinedMargin(Margin):
     def forward(self, cos_target: torch.Tensor, norms: torch.Tensor | None = None
                 ) -> torch.Tensor:
         with torch.autocast(device_type=cos_target.device.type, enabled=False):
-            cos = cos_target.float()
+            cos = at_least_fp32(cos_target)
             if self.m1 == 1.0 and self.m2 == 0.0:
                 psi = cos - self.m3  # CosFace: no angle needed
             else:
@@ -137,7 +138,7 @@ class AdaFaceMargin(Margin):
 
     @staticmethod
     def _safe(norms: torch.Tensor) -> torch.Tensor:
-        return norms.detach().float().clamp(0.001, 100.0)
+        return at_least_fp32(norms.detach()).clamp(0.001, 100.0)
 
     @torch.no_grad()
     def observe(self, batch_norms: torch.Tensor) -> None:
@@ -159,7 +160,7 @@ class AdaFaceMargin(Margin):
                 ) -> torch.Tensor:
         with torch.autocast(device_type=cos_target.device.type, enabled=False):
             z = self.quality(_need_norms(norms, "adaface"))
-            psi = shifted_cosine(cos_target.float(), -self.m * z, self.m + self.m * z)
+            psi = shifted_cosine(at_least_fp32(cos_target), -self.m * z, self.m + self.m * z)
             return psi * self.scale
 
     def stats(self, norms: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -191,7 +192,7 @@ class MagFaceMargin(Margin):
 
     def magnitude(self, norms: torch.Tensor) -> torch.Tensor:
         """a = ‖f‖ clipped to [l_a, u_a] (differentiable inside)."""
-        return norms.float().clamp(self.l_a, self.u_a)
+        return at_least_fp32(norms).clamp(self.l_a, self.u_a)
 
     def margin_of(self, a: torch.Tensor) -> torch.Tensor:
         """m(a) = (u_m − l_m)/(u_a − l_a)·(a − l_a) + l_m."""
@@ -201,7 +202,7 @@ class MagFaceMargin(Margin):
                 ) -> torch.Tensor:
         with torch.autocast(device_type=cos_target.device.type, enabled=False):
             a = self.magnitude(_need_norms(norms, "magface"))
-            return shifted_cosine(cos_target.float(), self.margin_of(a), 0.0) * self.scale
+            return shifted_cosine(at_least_fp32(cos_target), self.margin_of(a), 0.0) * self.scale
 
     def loss_terms(self, norms: torch.Tensor) -> dict[str, torch.Tensor]:
         """λ_g·mean g(a), g(a) = 1/a + a/u_a²."""

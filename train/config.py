@@ -84,6 +84,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_steps", 0, "stop after this global step (0: no limit); the schedule still "
            "spans --epochs, so a stopped run resumes exactly"),
     Option("batch_size", 384, "identity images per step B"),
+    Option("accumulate", 1, "take each step's B images as this many micro-batches of B / "
+           "ACCUMULATE (gradient accumulation: less memory, the same step; B must be a "
+           "multiple)"),
     Option("lr", 0.1, "peak learning rate"),
     Option("min_lr", 0.0, "learning rate at the end of the cosine decay"),
     Option("warmup_epochs", 0.0, "linear warmup length in epochs (may be fractional)"),
@@ -263,10 +266,18 @@ def _check(config: dict[str, Any]) -> None:
         raise UserError(f"--shards {config['shards']}: not a directory")
     if config["val"] not in ("auto", "none") and not Path(config["val"]).is_dir():
         raise UserError(f"--val {config['val']}: not a directory")
-    for key in ("epochs", "batch_size", "k", "embedding_size", "log_every", "ckpt_every",
-                "keep", "max_nonfinite", "dist_timeout"):
+    for key in ("epochs", "batch_size", "accumulate", "k", "embedding_size", "log_every",
+                "ckpt_every", "keep", "max_nonfinite", "dist_timeout"):
         if config[key] <= 0:
             raise UserError(f"{_flag(key)} {config[key]}: must be > 0")
+    if config["batch_size"] % config["accumulate"]:
+        raise UserError(f"--accumulate {config['accumulate']}: --batch-size "
+                        f"{config['batch_size']} is not a multiple of it (each step takes "
+                        "equal micro-batches)")
+    if config["accumulate"] > 1 and config["margin"] == "adaface":
+        raise UserError(f"--accumulate {config['accumulate']} with --margin adaface: its "
+                        "norm statistics come from the whole batch before its loss, which "
+                        "micro-batches do not have; use --accumulate 1")
     for key in ("max_steps", "workers", "val_every", "warmup_epochs", "min_lr", "prefetch",
                 "clip_grad_norm"):
         if config[key] < 0:

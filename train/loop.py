@@ -148,7 +148,8 @@ class Trainer:
             image_stats=self.image_stats, forward_module=self.ddp,
             sum_over_ranks=self.world.sum if self.world.world_size > 1 else None,
             world_size=self.world.world_size,
-            sharded=(self.head.weight,) if self.head.weight_rows is not None else ())
+            sharded=(self.head.weight,) if self.head.weight_rows is not None else (),
+            accumulate=config["accumulate"])
         self.parts = RunParts(self.backbone, self.head, self.optimizer, self.train_step.scaler,
                               self.image_stats, self.world)
         if checkpoint is not None:
@@ -268,6 +269,9 @@ class Trainer:
         log.info("%s %s on %s (%s): %d classes, %d steps/epoch, steps %d..%d of %d",
                  c["network"], c["head"], self.device, self.precision, self.num_classes,
                  self.steps_per_epoch, self.pos.step, self.last_step, self.total_steps)
+        if c["accumulate"] > 1:
+            log.info("each step: %d micro-batches of %d", c["accumulate"],
+                     c["batch_size"] // c["accumulate"])
         if self.world.launched:
             log.info("%d ranks x --batch-size %d = global batch %d%s", self.world.world_size,
                      c["batch_size"], self.global_batch,

@@ -8,6 +8,7 @@ log steps, so the GPU never idles while Python waits.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -45,11 +46,14 @@ class TrainStep:
                  compile_backbone: bool = False, clip_grad_norm: float = 0.0,
                  image_stats: ImageStats | None = None, forward_module: nn.Module | None = None,
                  sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 world_size: int = 1, sharded: tuple[nn.Parameter, ...] = ()) -> None:
+                 world_size: int = 1, sharded: tuple[nn.Parameter, ...] = (),
+                 accumulate: int = 1) -> None:
         """``forward_module``: what runs the backbone (its DistributedDataParallel wrapper
         under torchrun); ``sum_over_ranks`` (several ranks): all-reduce, so that a non-finite
         loss on any rank skips the step on all; ``sharded``: parameters split over the ranks
-        (a model-parallel head), whose share of the gradient norm is summed over them."""
+        (a model-parallel head), whose share of the gradient norm is summed over them;
+        ``accumulate``: micro-batches per step (gradient accumulation), which must divide
+        the batch."""
         self.backbone = backbone
         self.sum_over_ranks = sum_over_ranks
         self.world_size = world_size
@@ -62,6 +66,10 @@ class TrainStep:
         self.dtype = AUTOCAST_DTYPES[precision]
         self.channels_last = channels_last
         forward_module = backbone if forward_module is None else forward_module
+        self.forward_module = forward_module
+        if accumulate < 1:
+            raise ValueError(f"accumulate must be >= 1, got {accumulate}")
+        self.accumulate = accumulate
         self.forward_backbone = (torch.compile(forward_module) if compile_backbone
                                  else forward_module)
         # fp16 needs loss scaling; bf16 has fp32's range and does not.
@@ -77,16 +85,23 @@ class TrainStep:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype)
 
-    def __call__(self, batch: Any, lr: float, poison: bool = False) -> dict[str, torch.Tensor]:
-        """Train on one batch; returns the head's stats (device tensors, not read back)."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+    def _inputs(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The batch's identity and class images, normalised into the compute dtype."""
         dtype = self.dtype or torch.float32  # the compute dtype: autocast has nothing to cast
         images = normalize_images(batch.identity, dtype)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         class_images = (normalize_images(batch.classes, dtype) if self.head.needs_class_images
                         else None)
+        return images, class_images
+
+    def __call__(self, batch: Any, lr: float, poison: bool = False) -> dict[str, torch.Tensor]:
+        """Train on one batch; returns the head's stats (device tensors, not read back)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.accumulate > 1:
+            return self._accumulated(batch, poison)
+        images, class_images = self._inputs(batch)
         with self._autocast():
             features = self.forward_backbone(images)
             out = self.head(features, batch.labels, class_images)
@@ -104,6 +119,12 @@ class TrainStep:
 
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        self._update(finite, reported)
+        return out.stats
+
+    def _update(self, finite: torch.Tensor, reported: torch.Tensor) -> None:
+        """The optimizer step from the summed gradients (skipped when not ``finite``), the
+        head's momentum update and the loss counters."""
         if self.clip_grad_norm:
             self._clip()
         if self.scaler.is_enabled():
@@ -119,7 +140,62 @@ class TrainStep:
         self.nonfinite_total += (~finite).long()
         self.loss_sum += torch.where(finite, reported, 0).double()
         self.finite_steps += finite.long()
-        return out.stats
+
+    def _accumulated(self, batch: Any, poison: bool) -> dict[str, torch.Tensor]:
+        """One optimizer step over the batch taken as ``accumulate`` equal micro-batches.
+
+        Each micro-batch's mean loss counts 1/N, so the gradients add up to those of the
+        whole batch's mean loss; the head sees the whole batch's labels first (Partial FC's
+        one sample, attfc's one push) and, when it stages features, every micro-batch's
+        features before any loss. Under DDP the gradients are all-reduced once, with the
+        last micro-batch's backward.
+        """
+        parts = micro_batches(batch, self.accumulate)
+        self.head.begin_step(batch.labels)
+        if self.head.stages_features:
+            self._stage(parts)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=batch.labels.device)
+        stats: list[dict[str, torch.Tensor]] = []
+        for index, part in enumerate(parts):
+            last = index == len(parts) - 1
+            images, class_images = self._inputs(part)
+            with self._no_sync() if not last else contextlib.nullcontext():
+                with self._autocast():
+                    out = self.head(self.forward_backbone(images), part.labels, class_images)
+                loss = (out.loss / self.accumulate).float()
+                if poison:  # the --inject-nan-at-step test hook
+                    loss = loss * float("nan")
+                self.scaler.scale(loss).backward()
+            total += loss.detach()
+            stats.append(out.stats)
+            if out.class_scores is not None and self.image_stats is not None:
+                self.image_stats.add(part.class_image_ids, *out.class_scores)
+        self.head.end_step()
+        reported = total
+        if self.sum_over_ranks is not None:  # the global batch's mean loss, NaN if any is
+            reported = self.sum_over_ranks(reported) / self.world_size
+        self._update(torch.isfinite(reported), reported)
+        return combine_stats(stats, self.head.summed_stats)
+
+    @torch.no_grad()
+    def _stage(self, parts: list[Any]) -> None:
+        """The features of every micro-batch for the head, without gradient, before any
+        loss; BatchNorm uses each micro-batch's statistics as the training forward will,
+        and its running statistics are put back (the training forwards update them)."""
+        buffers = list(self.backbone.buffers())
+        saved = [b.clone() for b in buffers]
+        for part in parts:
+            images, class_images = self._inputs(part)
+            with self._autocast():
+                self.head.stage(self.backbone(images), part.labels, class_images)
+        if buffers:
+            torch._foreach_copy_(buffers, saved)
+
+    def _no_sync(self) -> contextlib.AbstractContextManager:
+        """DDP: keep this backward's gradients local (the last micro-batch's all-reduces)."""
+        no_sync = getattr(self.forward_module, "no_sync", None)
+        return no_sync() if no_sync is not None else contextlib.nullcontext()
 
     def _clip(self) -> None:
         """Scale all gradients so their global L2 norm is at most ``clip_grad_norm``.
@@ -151,3 +227,22 @@ class TrainStep:
         self.loss_sum.zero_()
         self.finite_steps.zero_()
         return mean
+
+
+def micro_batches(batch: Any, count: int) -> list[Any]:
+    """``batch`` (a dataclass of per-sample tensors) as ``count`` equal consecutive parts."""
+    size = batch.labels.shape[0]
+    if size % count:
+        raise ValueError(f"a batch of {size} does not split into {count} equal micro-batches")
+    step = size // count
+    return [dataclasses.replace(batch, **{f.name: getattr(batch, f.name)[i:i + step]
+                                          for f in dataclasses.fields(batch)})
+            for i in range(0, size, step)]
+
+
+def combine_stats(stats: list[dict[str, torch.Tensor]], summed: tuple[str, ...]
+                  ) -> dict[str, torch.Tensor]:
+    """The micro-batches' stats as the whole batch's: counts named in ``summed`` added, the
+    rest (means over equal micro-batches) averaged."""
+    return {name: sum(s[name] for s in stats) / (1 if name in summed else len(stats))
+            for name in stats[0]}

@@ -18,6 +18,7 @@ from model.heads.interface import HeadOptions, HeadOutput
 from model.heads.margin_ce import margin_head_output, sample_norms
 from model.margins import Margin
 from model.names import STRATEGIES, UPDATE_ORDERS
+from model.precision import at_least_fp32
 
 
 def _attention(f: torch.Tensor, K: torch.Tensor) -> torch.Tensor:  # noqa: N803 (paper's K)
@@ -65,7 +66,7 @@ def generate_gcc(f: torch.Tensor, K: torch.Tensor,  # noqa: N803 (paper's K)
     """
     alpha = attention_weights(f, K, strategy)
     with torch.autocast(K.device.type, enabled=False):
-        return torch.einsum("bk,bkd->bd", alpha.float(), K.float()), alpha
+        return torch.einsum("bk,bkd->bd", at_least_fp32(alpha), at_least_fp32(K)), alpha
 
 
 def dcc_capacity(num_classes: int, sample_rate: float, batch_size: int) -> int:
@@ -132,6 +133,12 @@ class AttFCHead(nn.Module):
     labels all-gathered in rank order, so every rank holds the same container, and each rank's
     loss is that of its own samples over the whole container. ``batch_size`` is then the
     global batch, which sizes the container as one process with that batch would.
+
+    A step taken as micro-batches (``begin_step`` … ``end_step``) pushes the whole batch's
+    GCCs once, as the single-batch step does: in the paper's order before the first
+    micro-batch's loss, from features the step computes first without gradient (``stage``),
+    so every micro-batch's negatives hold all of them; in the official order after the last,
+    every micro-batch scoring against the container as it was before the step.
     """
 
     needs_class_images = True
@@ -166,6 +173,18 @@ class AttFCHead(nn.Module):
         self.chunk_size = chunk_size
         # Decided once: the class encoder is a copy, so it has the feature encoder's layout.
         self._channels_last = _is_channels_last(self.class_encoder)
+        # An accumulated step: the pre-pass's (K, own GCCs, labels) per micro-batch (paper
+        # order), or the GCCs to push at its end (official order); None between steps.
+        self._staged: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._forwards = 0  # micro-batches of this step seen so far
+
+    @property
+    def stages_features(self) -> bool:
+        """Paper order: every micro-batch's negatives include the whole batch's new GCCs,
+        which need every micro-batch's features first (official order: the container
+        before the push, the same for every micro-batch)."""
+        return self.update_order == "paper"
 
     @classmethod
     def from_options(cls, options: HeadOptions) -> AttFCHead:
@@ -194,29 +213,65 @@ class AttFCHead(nn.Module):
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             K = self.class_encoder(images)
-        return K.float().view(batch, k, -1)
+        return at_least_fp32(K).view(batch, k, -1)
 
-    def forward(self, features: torch.Tensor, labels: torch.Tensor,
-                class_images: torch.Tensor | None = None) -> HeadOutput:
+    def begin_step(self, labels: torch.Tensor) -> None:
+        """Micro-batches follow: one push of the whole batch's GCCs for the step."""
+        self._staged, self._pending, self._forwards = [], [], 0
+
+    @torch.no_grad()
+    def stage(self, features: torch.Tensor, labels: torch.Tensor,
+              class_images: torch.Tensor | None) -> None:
+        """Paper order, before any loss: a micro-batch's K and GCCs from its features
+        (computed without gradient); the first forward pushes every micro-batch's."""
         if class_images is None:
             raise ValueError("the attfc head needs class_images [B, k, 3, H, W]")
         K = self.encode_classes(class_images)
+        gcc, _ = generate_gcc(F.normalize(at_least_fp32(features), dim=1), K, self.strategy)
+        self._staged.append((K, self._as_stored(gcc), labels))
+
+    def end_step(self) -> None:
+        """Official order: the step's GCCs enter the container, all B in one push."""
+        if self._pending:
+            self._push(torch.cat([own for own, _ in self._pending]),
+                       torch.cat([labels for _, labels in self._pending]))
+        self._staged = self._pending = None
+
+    def _as_stored(self, gcc: torch.Tensor) -> torch.Tensor:
+        """A GCC as the container stores it (unit, its dtype), whichever order uses it."""
+        return F.normalize(gcc, dim=1).to(self.dcc.centers.dtype)
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor,
+                class_images: torch.Tensor | None = None) -> HeadOutput:
+        if class_images is None and not self._staged:
+            raise ValueError("the attfc head needs class_images [B, k, 3, H, W]")
         norms, _ = sample_norms(self.margin, features, self.ranks)
-        f_unit = F.normalize(features.float(), dim=1)
+        f_unit = F.normalize(at_least_fp32(features), dim=1)
         paper_order = self.update_order == "paper"
         with torch.no_grad():
-            gcc, alpha = generate_gcc(f_unit, K, self.strategy)
-            # As the container stores it (its dtype), whichever order uses it.
-            own = F.normalize(gcc, dim=1).to(self.dcc.centers.dtype)
-            if paper_order:
-                self._push(own, labels)
+            if self._staged:  # an accumulated step in the paper's order
+                if self._forwards == 0:  # the whole batch's GCCs, before the first loss
+                    self._push(torch.cat([own for _, own, _ in self._staged]),
+                               torch.cat([labels for _, _, labels in self._staged]))
+                K, own, _ = self._staged[self._forwards]
+                _, alpha = generate_gcc(f_unit, K, self.strategy)
+            else:
+                K = self.encode_classes(class_images)
+                gcc, alpha = generate_gcc(f_unit, K, self.strategy)
+                own = self._as_stored(gcc)
+                if paper_order:
+                    self._push(own, labels)
             class_cos = F.cosine_similarity(f_unit[:, None, :], K, dim=-1)
-        positive_cos = (f_unit * own.float()).sum(dim=1)
+        self._forwards += 1
+        positive_cos = (f_unit * own.to(f_unit.dtype)).sum(dim=1)
         loss, masked = masked_dcc_cross_entropy(
             f_unit, self.margin(positive_cos, norms), self.dcc.centers, self.dcc.labels, labels,
             self.margin.scale, self.chunk_size, own_in_container=paper_order)
         if not paper_order:
-            self._push(own, labels)
+            if self._pending is None:  # a single-batch step
+                self._push(own, labels)
+            else:
+                self._pending.append((own, labels))
         spread = (alpha.amax(dim=1) - alpha.amin(dim=1)).mean()
         return margin_head_output(loss, self.margin, norms,
                                   {"attention_spread": spread, "masked_conflicts": masked},

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from model.margins import Margin
+from model.precision import at_least_fp32
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ def sharded_margin_cross_entropy(cos: torch.Tensor, target: torch.Tensor,
     [world·B]: every sample's feature norm for a norm-aware margin. The same loss as
     :func:`~model.heads.margin_ce.margin_cross_entropy` on the whole matrix.
     """
-    cos = cos.float()
+    cos = at_least_fp32(cos)
     if cos.shape[1]:
         mine = target >= 0
         column = torch.where(mine, target, 0)[:, None]

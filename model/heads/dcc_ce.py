@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from model.precision import at_least_fp32
+
 _EXP_LIMIT = 80.0  # fp32 exp overflows at ~88.7; keep headroom for non-unit rounding
 
 
@@ -29,15 +31,15 @@ class _MaskedDccCrossEntropy(torch.autograd.Function):
         batch, size = f_unit.shape[0], centers.shape[0]
         unshifted = scale + math.log(size) < _EXP_LIMIT
         with torch.autocast(device_type=f_unit.device.type, enabled=False):
-            f_scaled = f_unit.float() * scale
-            positive_logit = positive_logit.float()
+            f_scaled = at_least_fp32(f_unit) * scale
+            positive_logit = positive_logit.to(f_scaled.dtype)
             run_max = f_scaled.new_zeros(batch) if unshifted else f_scaled.new_full(
                 (batch,), float("-inf"))
             run_sum = f_scaled.new_zeros(batch)
             weighted = f_scaled.new_zeros(f_scaled.shape) if need_grad else None
             masked = torch.zeros((), dtype=torch.long, device=f_unit.device)
             for start in range(0, size, chunk_size):
-                block = centers[start:start + chunk_size].float()
+                block = centers[start:start + chunk_size].to(f_scaled.dtype)
                 logits = torch.mm(f_scaled, block.t())
                 # Same label as the sample: the conflicts w_cft⁺ (Alg. 1) *and* its own w⁺
                 # slot, which enters separately below as the margin logit.

@@ -18,12 +18,13 @@ from model.heads.collective import (
     gather_features,
     sharded_margin_cross_entropy,
 )
-from model.heads.interface import HeadOptions, HeadOutput
+from model.heads.interface import HeadOptions, HeadOutput, NoFeatureStaging
 from model.heads.margin_ce import margin_cross_entropy, margin_head_output, sample_norms
 from model.margins import Margin
+from model.precision import at_least_fp32
 
 
-class FCHead(nn.Module):
+class FCHead(NoFeatureStaging, nn.Module):
     """cos(f, W) over all N classes in fp32; the baseline AttFC is measured against."""
 
     needs_class_images = False
@@ -49,7 +50,8 @@ class FCHead(nn.Module):
             return self._forward_sharded(features, labels)
         norms, _ = sample_norms(self.margin, features)
         with torch.autocast(device_type=features.device.type, enabled=False):
-            cos = F.linear(F.normalize(features.float(), dim=1), F.normalize(self.weight, dim=1))
+            cos = F.linear(F.normalize(at_least_fp32(features), dim=1),
+                           F.normalize(self.weight, dim=1))
             loss = margin_cross_entropy(cos, labels, self.margin, norms)
         return margin_head_output(loss, self.margin, norms)
 
@@ -58,7 +60,7 @@ class FCHead(nn.Module):
         (plus the margin's own terms over this rank's samples)."""
         norms, norms_all = sample_norms(self.margin, features, self.ranks)
         with torch.autocast(device_type=features.device.type, enabled=False):
-            f_all = gather_features(F.normalize(features.float(), dim=1), self.ranks)
+            f_all = gather_features(F.normalize(at_least_fp32(features), dim=1), self.ranks)
             labels_all = all_gather(labels, self.ranks)
             start, stop = self.weight_rows
             cos = F.linear(f_all, F.normalize(self.weight, dim=1))

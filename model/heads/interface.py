@@ -82,3 +82,36 @@ class Head(Protocol):
 
     def after_optimizer_step(self, feature_encoder: nn.Module) -> None:
         """Called after each optimizer step (AttFC's momentum update, Eq. 12)."""
+
+    # A step taken as several micro-batches (gradient accumulation): ``begin_step`` with the
+    # whole batch's labels, then, when ``stages_features``, ``stage`` once per micro-batch with
+    # its features computed without gradient, then ``forward`` once per micro-batch, then
+    # ``end_step`` before the optimizer step. A single-batch step calls ``forward`` alone.
+    stages_features: bool
+
+    def begin_step(self, labels: torch.Tensor) -> None:
+        """A step over this rank's whole batch (``labels`` [B]) begins."""
+
+    def stage(self, features: torch.Tensor, labels: torch.Tensor,
+              class_images: torch.Tensor | None) -> None:
+        """One micro-batch's features, without gradient, before any micro-batch's loss."""
+
+    def end_step(self) -> None:
+        """Every micro-batch's forward and backward are done."""
+
+
+class NoFeatureStaging:
+    """The accumulation hooks of a head that needs no features ahead of the losses: as they
+    stand, those of fc, whose step loss is the mean of the micro-batches' mean losses."""
+
+    stages_features = False
+
+    def begin_step(self, labels: torch.Tensor) -> None:
+        """Nothing to prepare."""
+
+    def stage(self, features: torch.Tensor, labels: torch.Tensor,
+              class_images: torch.Tensor | None) -> None:
+        raise RuntimeError(f"{type(self).__name__} does not stage features")
+
+    def end_step(self) -> None:
+        """Nothing to finish."""

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from model.heads.collective import Ranks, gather_features
 from model.heads.interface import HeadOutput
 from model.margins import Margin
+from model.precision import at_least_fp32
 
 
 def sample_norms(margin: Margin, features: torch.Tensor, ranks: Ranks | None = None
@@ -24,7 +25,7 @@ def sample_norms(margin: Margin, features: torch.Tensor, ranks: Ranks | None = N
     if not margin.uses_norms:
         return None, None
     with torch.autocast(device_type=features.device.type, enabled=False):
-        norms = features.float().norm(dim=1)
+        norms = at_least_fp32(features).norm(dim=1)
     everyone = norms if ranks is None else gather_features(norms[:, None], ranks).squeeze(1)
     if margin.training:
         margin.observe(everyone.detach())
@@ -38,7 +39,7 @@ def margin_cross_entropy(cos: torch.Tensor, target: torch.Tensor, margin: Margin
     cos: [B, C] cosines (upcast to fp32), target: [B] column of each sample's positive,
     norms: [B] feature norms for a norm-aware margin.
     """
-    cos = cos.float()
+    cos = at_least_fp32(cos)
     positive = margin(cos.gather(1, target[:, None]).squeeze(1), norms)
     logits = cos * margin.scale
     logits = logits.scatter(1, target[:, None], positive[:, None])

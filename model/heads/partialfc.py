@@ -26,12 +26,13 @@ from model.heads.collective import (
     sharded_margin_cross_entropy,
 )
 from model.heads.fc import split_classes
-from model.heads.interface import HeadOptions, HeadOutput
+from model.heads.interface import HeadOptions, HeadOutput, NoFeatureStaging
 from model.heads.margin_ce import margin_cross_entropy, margin_head_output, sample_norms
 from model.margins import Margin
+from model.precision import at_least_fp32
 
 
-class PartialFCHead(nn.Module):
+class PartialFCHead(NoFeatureStaging, nn.Module):
     """Margin softmax over a sampled subset of class centres (positives always kept)."""
 
     needs_class_images = False
@@ -48,6 +49,8 @@ class PartialFCHead(nn.Module):
         self.num_classes = num_classes
         self.margin = margin
         self.num_sample = max(1, int(sample_rate * num_classes))
+        self._step_labels: torch.Tensor | None = None  # the whole batch's, in an accumulated step
+        self._step_index: torch.Tensor | None = None  # its sample, drawn at the first forward
 
     @classmethod
     def from_options(cls, options: HeadOptions) -> PartialFCHead:
@@ -78,15 +81,35 @@ class PartialFCHead(nn.Module):
         index = index.sort().values
         return index, torch.searchsorted(index, labels)
 
+    def begin_step(self, labels: torch.Tensor) -> None:
+        """Every micro-batch of this step shares one sample, drawn from the whole batch's
+        positives (as the single-batch step draws it)."""
+        self._step_labels, self._step_index = labels, None
+
+    def end_step(self) -> None:
+        self._step_labels = self._step_index = None
+
+    def _index(self, labels: torch.Tensor) -> torch.Tensor:
+        """The sample for a forward over ``labels`` (all ranks' on several): its own, or the
+        step's, drawn once from the whole batch's labels."""
+        if self._step_labels is None:
+            return self.sample(labels)[0]
+        if self._step_index is None:
+            step_labels = (self._step_labels if self.ranks is None
+                           else all_gather(self._step_labels, self.ranks))
+            self._step_index = self.sample(step_labels)[0]
+        return self._step_index
+
     def forward(self, features: torch.Tensor, labels: torch.Tensor,
                 class_images: torch.Tensor | None = None) -> HeadOutput:
         if self.ranks is not None:
             return self._forward_sharded(features, labels)
-        index, local = self.sample(labels)
+        index = self._index(labels)
+        local = torch.searchsorted(index, labels)
         norms, _ = sample_norms(self.margin, features)
         with torch.autocast(device_type=features.device.type, enabled=False):
             weight = F.normalize(self.weight.index_select(0, index.clamp(min=0)), dim=1)
-            cos = F.linear(F.normalize(features.float(), dim=1), weight)
+            cos = F.linear(F.normalize(at_least_fp32(features), dim=1), weight)
             if index.numel() > self.num_sample:  # unused slots take no probability
                 cos = torch.where(index >= 0, cos, float("-inf"))
             loss = margin_cross_entropy(cos, local, self.margin, norms)
@@ -96,7 +119,7 @@ class PartialFCHead(nn.Module):
         """The global batch's loss over the sampled rows in this rank's class range (plus
         the margin's own terms over this rank's samples)."""
         labels_all = all_gather(labels, self.ranks)
-        index, _ = self.sample(labels_all)
+        index = self._index(labels_all)
         start, stop = self.weight_rows
         with torch.no_grad():
             mine = index[(index >= start) & (index < stop)] - start
@@ -104,7 +127,7 @@ class PartialFCHead(nn.Module):
             target = torch.where(here, torch.searchsorted(mine, labels_all - start), -1)
         norms, norms_all = sample_norms(self.margin, features, self.ranks)
         with torch.autocast(device_type=features.device.type, enabled=False):
-            f_all = gather_features(F.normalize(features.float(), dim=1), self.ranks)
+            f_all = gather_features(F.normalize(at_least_fp32(features), dim=1), self.ranks)
             weight = F.normalize(self.weight.index_select(0, mine), dim=1)
             cos = F.linear(f_all, weight)
             loss = sharded_margin_cross_entropy(cos, target, self.margin, self.ranks, norms_all)
