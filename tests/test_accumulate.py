@@ -63,8 +63,9 @@ def _batches() -> list[Batch]:
 
 def _train(head_name: str, order: str, accumulate: int, *, batch_norm: bool = False,
            ghosts: int = 1, frozen_bn: bool = False
-           ) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """Weights, head buffers and momentum buffers after STEPS steps, and the logged losses."""
+           ) -> tuple[dict[str, torch.Tensor], list[float], list[dict[str, float]]]:
+    """Weights, head buffers and momentum buffers after STEPS steps, and each step's logged
+    loss and stats."""
     torch.manual_seed(0)
     backbone = Tiny(batch_norm, ghosts)
     head = build_head(head_name, num_classes=40, embedding_size=DIM, batch_size=B,
@@ -80,15 +81,15 @@ def _train(head_name: str, order: str, accumulate: int, *, batch_norm: bool = Fa
     optimizer = make_optimizer(params, lr=LR, momentum=0.9, weight_decay=5e-4)
     step = TrainStep(backbone, head, optimizer, device="cpu", precision="fp32",
                      channels_last=False, accumulate=accumulate)
-    losses = []
+    losses, stats = [], []
     for batch in _batches():
-        step(batch, lr=LR)
+        stats.append({name: float(value) for name, value in step(batch, lr=LR).items()})
         losses.append(step.read_loss())
     state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
     state.update({f"head.{k}": v for k, v in head.state_dict().items()})
     state.update({f"momentum.{i}": optimizer.state[p]["momentum_buffer"]
                   for i, p in enumerate(params)})
-    return state, losses
+    return state, losses, stats
 
 
 def _largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], *,
@@ -108,17 +109,18 @@ def _largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
 @pytest.mark.parametrize(("head_name", "order"), HEADS)
 @pytest.mark.parametrize("accumulate", [1, 2, 4])
 def test_accumulated_step_equals_the_single_batch_step(head_name, order, accumulate):
-    single, single_losses = _train(head_name, order, 1)
-    state, losses = _train(head_name, order, accumulate)
+    single, single_losses, single_stats = _train(head_name, order, 1)
+    state, losses, stats = _train(head_name, order, accumulate)
     assert _largest_difference(state, single) <= EXACT
     assert losses == pytest.approx(single_losses, rel=1e-6)  # reported in fp32
+    assert stats == [pytest.approx(s, rel=1e-6) for s in single_stats]  # the whole batch's
     if head_name == "attfc":  # one push of B per step
         assert int(state["head.dcc.ptr"]) == STEPS * B % state["head.dcc.labels"].numel()
 
 
 def test_the_orders_differ_so_each_is_tested_apart():
-    paper, _ = _train("attfc", "paper", 1)
-    official, _ = _train("attfc", "official", 1)
+    paper = _train("attfc", "paper", 1)[0]
+    official = _train("attfc", "official", 1)[0]
     assert _largest_difference(paper, official) > 1e-3
 
 
@@ -130,13 +132,13 @@ def test_batchnorm_statistics_are_the_only_difference(head_name, order):
     but it is, to 1e-10, the single-batch step of the same network normalising the batch as
     those groups (running statistics included: updated once per micro-batch); with
     BatchNorm frozen (eval) it is the plain single-batch step."""
-    state, _ = _train(head_name, order, 2, batch_norm=True)
-    single, _ = _train(head_name, order, 1, batch_norm=True)
+    state = _train(head_name, order, 2, batch_norm=True)[0]
+    single = _train(head_name, order, 1, batch_norm=True)[0]
     assert _largest_difference(state, single, integers_equal=False) > 1e-3
-    grouped, _ = _train(head_name, order, 1, batch_norm=True, ghosts=2)
+    grouped = _train(head_name, order, 1, batch_norm=True, ghosts=2)[0]
     assert _largest_difference(state, grouped) <= EXACT
-    frozen, _ = _train(head_name, order, 2, batch_norm=True, frozen_bn=True)
-    frozen_single, _ = _train(head_name, order, 1, batch_norm=True, frozen_bn=True)
+    frozen = _train(head_name, order, 2, batch_norm=True, frozen_bn=True)[0]
+    frozen_single = _train(head_name, order, 1, batch_norm=True, frozen_bn=True)[0]
     assert _largest_difference(frozen, frozen_single) <= EXACT
 
 

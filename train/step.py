@@ -157,18 +157,21 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=batch.labels.device)
         stats: list[dict[str, torch.Tensor]] = []
+        batch_features = []
         for index, part in enumerate(parts):
             last = index == len(parts) - 1
             images, class_images = self._inputs(part)
             with self._no_sync() if not last else contextlib.nullcontext():
                 with self._autocast():
-                    out = self.head(self.forward_backbone(images), part.labels, class_images)
+                    features = self.forward_backbone(images)
+                    out = self.head(features, part.labels, class_images)
                 loss = (out.loss / self.accumulate).float()
                 if poison:  # the --inject-nan-at-step test hook
                     loss = loss * float("nan")
                 self.scaler.scale(loss).backward()
             total += loss.detach()
             stats.append(out.stats)
+            batch_features.append(features.detach())
             if out.class_scores is not None and self.image_stats is not None:
                 self.image_stats.add(part.class_image_ids, *out.class_scores)
         self.head.end_step()
@@ -176,7 +179,8 @@ class TrainStep:
         if self.sum_over_ranks is not None:  # the global batch's mean loss, NaN if any is
             reported = self.sum_over_ranks(reported) / self.world_size
         self._update(torch.isfinite(reported), reported)
-        return combine_stats(stats, self.head.summed_stats)
+        return {**combine_stats(stats, self.head.summed_stats),
+                **embedding_spread(torch.cat(batch_features), batch.labels)}
 
     @torch.no_grad()
     def _stage(self, parts: list[Any]) -> None:
