@@ -7,7 +7,7 @@ for each seed:
   1. train AttFC on the dataset as it is (``bench.replicate``'s budget and evaluation);
   2. ``python -m evaluate noise`` and ``python -m evaluate duplicates`` on that run;
   3. reshard with ``--exclude`` (the most suspicious ``--exclude-share`` of the photos) and
-     ``--merge`` (every pair duplicates.tsv lists at its default cut);
+     ``--merge`` (every pair duplicates.tsv lists at robust z ``--z``);
   4. retrain with the same flags, seed and epochs on the cleaned shards;
   5. held-out verification accuracy and TAR@FAR before vs after.
 
@@ -33,6 +33,7 @@ from typing import Any
 from bench.replicate import Run, Size, _machine, _python, prepare_data, run_one
 from common.cli import ArgumentParser, run_cli, setup_logging
 from common.files import write_atomic
+from evaluate.duplicates import DEFAULT_Z
 
 SIZES = {
     "full": Size(identities=500, images_per_identity=6, mislabeled_share=0.1, batch_size=16,
@@ -63,17 +64,22 @@ def prepare(out: Path, size: Size) -> dict[str, Path]:
     return prepare_data(out, size)
 
 
-def clean(run_dir: Path, folder: Path, size: Size, exclude_share: float, device: str
-          ) -> dict[str, Any]:
+def clean(run_dir: Path, folder: Path, size: Size, exclude_share: float, z: float,
+          device: str) -> dict[str, Any]:
     """Noise and duplicates reports of ``run_dir``, then the cleaned shards in ``folder``."""
     done = folder / "cleaning.json"
+    settings = {"exclude_share": exclude_share, "z": z}
     if done.is_file():
-        return json.loads(done.read_text())
+        result = json.loads(done.read_text())
+        if result.get("settings") != settings:
+            raise RuntimeError(f"{folder} was cleaned with other settings: remove it or use "
+                               "another --out")
+        return result
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "clean.log"
     _python("-m", "evaluate", "noise", str(run_dir), log=log)
     _python("-m", "evaluate", "duplicates", str(run_dir), "--device", device, "--workers", "0",
-            log=log)
+            "--z", str(z), log=log)
     ranked = (run_dir / "noise" / "noise.tsv").read_text().splitlines()
     cut = round(exclude_share * size.identities * size.images_per_identity)
     write_atomic(folder / "exclude.tsv", ("\n".join(ranked[:cut + 1]) + "\n").encode())
@@ -83,7 +89,7 @@ def clean(run_dir: Path, folder: Path, size: Size, exclude_share: float, device:
     noise = json.loads((run_dir / "noise" / "noise.json").read_text())
     duplicates = json.loads((run_dir / "duplicates" / "duplicates.json").read_text())
     planted = [line.split("\t")[-2] for line in ranked[1:cut + 1]]  # planted_mislabeled
-    result = {"excluded_photos": cut,
+    result = {"settings": settings, "excluded_photos": cut,
               "excluded_planted_mislabeled": sum(flag == "1" for flag in planted),
               "planted_mislabeled": (noise.get("planted") or {}).get("mislabeled"),
               "merged_pairs": duplicates["pairs"], "duplicates_truth": duplicates["truth"],
@@ -136,6 +142,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--seeds", type=int, nargs="+", help="default: the size's")
     parser.add_argument("--exclude-share", type=float, default=0.1,
                         help="share of all photos cut from the top of noise.tsv")
+    parser.add_argument("--z", type=float, default=DEFAULT_Z,
+                        help="the duplicates report's cut (robust z of the closeness)")
     parser.add_argument("--device", default="cpu")
     return parser
 
@@ -151,12 +159,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for seed in seeds:
         before = run_one(Run(f"before-s{seed}", HEAD, seed), out, data, size, args.device)
         cleaning = clean(out / "runs" / f"before-s{seed}", out / f"clean-s{seed}", size,
-                         args.exclude_share, args.device)
+                         args.exclude_share, args.z, args.device)
         after = run_one(Run(f"after-s{seed}", HEAD, seed), out,
                         {**data, "shards": out / f"clean-s{seed}" / "shards"}, size, args.device)
         rows.append({"seed": seed, "before": before, "after": after, "cleaning": cleaning})
     command = (f"python -m bench.clean_retrain --out {args.out} --size {args.size} --seeds "
-               f"{' '.join(map(str, seeds))} --exclude-share {args.exclude_share} "
+               f"{' '.join(map(str, seeds))} --exclude-share {args.exclude_share} --z {args.z} "
                f"--device {args.device}")
     result = write_report(out, rows, command)
     print(table(rows))
