@@ -40,6 +40,7 @@ from data_engine.loading.reader import ShardReader
 from evaluate import knn
 from evaluate.eval_sets import EvalSet, find_eval_sets
 from evaluate.noise import read_image_table, run_config
+from synthetic.casting import TRUTH_KEYS
 from synthetic.faces import identity_name
 
 log = logging.getLogger("evaluate.duplicates")
@@ -109,7 +110,10 @@ def duplicate_pairs(scores: np.ndarray, ids: np.ndarray, cut: Cut) -> list[tuple
 
 
 def identity_people(reader: ShardReader) -> list[str] | None:
-    """Per label, the person most of its photos show (planted synthetic truth), else None."""
+    """Per label, the person most of its photos show (planted synthetic truth), else None
+    (without reading the shards unless their manifest says they hold the truth)."""
+    if not any(key in reader.manifest.get("source_info", {}) for key in TRUTH_KEYS):
+        return None
     table = read_image_table(reader)
     if table.shows is None:
         return None

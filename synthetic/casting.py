@@ -22,6 +22,8 @@ import numpy as np
 from synthetic.faces import photo_subject
 
 BENCHMARK_FIRST = 100_000  # the synthetic benchmarks' default first held-out person
+# The manifest's source_info keys (Casting.describe) that mean the shards record the truth.
+TRUTH_KEYS = ("mislabeled_share", "duplicate_share", "benchmark_people")
 _DUPLICATE_STREAM = 0xD0B1
 # Photo indices of a duplicate name's and of a planted benchmark person's photos start here:
 # never one of the person's own photos (0, 1, ...) nor a stray (faces._STRAY_PHOTO_BASE).
