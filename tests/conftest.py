@@ -1,24 +1,16 @@
-"""Shared fixtures: run CLIs as real subprocesses with the project on the path."""
+"""Shared fixtures. The session-scoped data sets are made once per test run and shared by
+every module, read-only: a test that changes one works on a copy in its tmp_path (each is
+checked unchanged when the session ends)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run_module(module: str, *args: str, timeout: float = 600, env: dict | None = None,
-               **kwargs) -> subprocess.CompletedProcess:
-    """``python -m module args`` in a fresh interpreter, as a user would run it."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=full_env, cwd=kwargs.pop("cwd", REPO),
-                          **kwargs)
+from tests.helpers import ONE_THREAD, SYNTHETIC_SHARDS, assert_ok, run_module, tree_bytes
+from tests.shard_helpers import FACE_COUNTS, face_tree, shard_folder
 
 
 @pytest.fixture
@@ -26,11 +18,42 @@ def run_cli():
     return run_module
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
-    """Exit 2 with one error line (log lines such as "12:00:00 INFO ..." may precede it)
-    that contains every needle, and no traceback."""
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    lines = [line for line in result.stderr.strip().splitlines() if " INFO " not in line]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+def _shared(path: Path) -> Iterator[Path]:
+    """Yield a session data set, then check no test wrote into it."""
+    before = tree_bytes(path)
+    yield path
+    assert tree_bytes(path) == before, f"a test changed the shared {path}; copy it first"
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The shards of SYNTHETIC_SHARDS (10 people x 8 photos)."""
+    out = tmp_path_factory.mktemp("synthetic") / "shards"
+    assert_ok(run_module("data_engine.shard", *SYNTHETIC_SHARDS, "--out", out, env=ONE_THREAD))
+    yield from _shared(out)
+
+
+@pytest.fixture(scope="session")
+def face_shards(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """``--src folder`` shards of rendered faces, FACE_COUNTS photos per identity."""
+    base = tmp_path_factory.mktemp("faces")
+    face_tree(base / "tree", FACE_COUNTS)
+    yield from _shared(shard_folder(base / "tree", base / "shards"))
+
+
+@pytest.fixture(scope="session")
+def verification_sets(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A --val folder with one tiny .bin of 10 other people (20 pairs)."""
+    folder = tmp_path_factory.mktemp("val")
+    assert_ok(run_module("evaluate", "synth-bin", "--out", folder / "synth.bin",
+                         "--identities", "10", "--first-identity", "1000", "--pairs", "20"))
+    yield from _shared(folder)
+
+
+@pytest.fixture(scope="session")
+def synth_ijb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A tiny synthetic IJB-C folder (4 people, 1 probe each)."""
+    root = tmp_path_factory.mktemp("ijb") / "ijbc"
+    assert_ok(run_module("evaluate", "synth-ijb", "--out", root, "--identities", "4",
+                         "--probes", "1", "--first-identity", "500", "--seed", "3"))
+    yield from _shared(root)

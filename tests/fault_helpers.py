@@ -1,5 +1,6 @@
 """Real faults for the fault-matrix tests: small filesystems that fill up, read-only mounts,
-a SIGKILL landed inside one chosen write (strace), and the one-line-error assertion."""
+a SIGKILL, another signal or a freeze landed inside one chosen syscall (strace), and the
+one-line-error assertion."""
 
 from __future__ import annotations
 
@@ -8,14 +9,12 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import ONE_THREAD, start_module, wait_until
 
 
 def _mount(*args: str) -> subprocess.CompletedProcess:
@@ -86,57 +85,40 @@ def last_error_line(result: subprocess.CompletedProcess, prog: str, code: int = 
     return errors[0]
 
 
-def strace_kill_prefix(path: Path, call: str, log: Path) -> list[str]:
-    """A command prefix that SIGKILLs whichever process first makes ``call`` (write, fsync)
-    on ``path``, at that syscall: a kill -9 inside one chosen write, every time."""
+def strace_prefix(path: Path, call: str, log: Path, action: str = "signal=SIGKILL",
+                  when: str = "1+") -> list[str]:
+    """A command prefix under which the ``when``-th ``call`` (write, fsync) on ``path``
+    (counted per thread, from the first on that path) does ``action`` at that syscall:
+    SIGKILL (a kill -9 inside one chosen write, every time), another signal, or FREEZE."""
     if shutil.which("strace") is None:
-        pytest.skip("strace is not installed: it lands the SIGKILL inside a chosen write")
+        pytest.skip("strace is not installed: it lands faults inside a chosen syscall")
     probe = subprocess.run(["strace", "-o", "/dev/null", "true"], capture_output=True,
                            text=True)
     if probe.returncode != 0:
         pytest.skip(f"strace cannot trace here (ptrace forbidden?): {probe.stderr.strip()}")
-    return ["strace", "-f", "-q", "-o", str(log), "-P", str(path),
-            # strace counts a tracee's calls before -P filters them: "1+" is the first on path
-            "-e", f"trace={call}", "-e", f"inject={call}:signal=SIGKILL:when=1+"]
+    return ["strace", "-f", "-q", "-o", str(log), "-P", str(path), "-e", f"trace={call}",
+            "-e", f"inject={call}:{action}:when={when}"]
 
 
-def run_until_killed(prefix: list[str], module: str, *args: str | Path, log: Path,
-                     timeout: float = 240, attach_when: Callable[[], bool] | None = None,
-                     ) -> None:
-    """Run ``python -m module`` under ``prefix`` until strace reports the SIGKILL, then
-    kill what is left of the job (the OOM killer or a power cut takes the whole job).
+# Holds the calling thread at the chosen syscall for longer than any test waits.
+FREEZE = "delay_enter=600s"
 
-    With ``attach_when``, the process starts untraced and strace attaches once that is
-    true (after torch's imports, which are slow under ptrace)."""
-    command = [sys.executable, "-m", module, *map(str, args)]
-    process = subprocess.Popen(
-        command if attach_when else [*prefix, *command], cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + timeout
-    tracer = None
+
+def killed_by_strace(log: Path) -> Callable[[], bool]:
+    """True once strace has logged the SIGKILL it injected."""
+    return lambda: log.is_file() and "killed by SIGKILL" in log.read_text()
+
+
+def run_then_kill(prefix: list[str], module: str, *args: object, until: Callable[[], bool],
+                  timeout: float = 240) -> None:
+    """Run ``python -m module`` under ``prefix`` until ``until()`` holds, then kill -9 what
+    is left of the job, all its processes (the OOM killer or a power cut takes the whole
+    job). Fails if the job ends first."""
+    process = start_module(module, *args, prefix=prefix, env=ONE_THREAD,
+                           stdout=subprocess.DEVNULL, start_new_session=True)
     try:
-        if attach_when is not None:
-            while not attach_when():
-                assert process.poll() is None, process.stderr.read()
-                assert time.monotonic() < deadline, "never ready to attach"
-                time.sleep(0.05)
-            tracer = subprocess.Popen([*prefix, "-p", str(process.pid)],
-                                      stderr=subprocess.DEVNULL)
-        while "killed by SIGKILL" not in (log.read_text() if log.exists() else ""):
-            if process.poll() is not None:
-                raise AssertionError(f"finished without being killed: {process.stderr.read()}")
-            assert time.monotonic() < deadline, "the chosen write never happened"
-            time.sleep(0.05)
+        wait_until(until, process, timeout=timeout)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.communicate(timeout=60)
-        if tracer is not None:
-            tracer.wait(timeout=60)
-
-
-def tree_bytes(root: Path) -> dict[str, bytes]:
-    """Every file under ``root`` (relative path -> bytes): what "nothing lost" compares."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file()}

@@ -15,7 +15,13 @@ import simplejpeg
 import webdataset as wds
 from PIL import Image
 
+from synthetic.faces import encode_jpeg, render_face
+from tests.helpers import assert_ok, run_module
+
 REC_MAGIC = 0xCED7230A
+# Image counts per identity of the face-folder shards, k=2: alone, fewer than k others,
+# exactly k, more than k (48 identities, 200 images).
+FACE_COUNTS = [1, 2, 3, 4, 6, 9] * 8
 
 
 def jpeg(seed: int, size: tuple[int, int] = (112, 112)) -> bytes:
@@ -69,6 +75,25 @@ def messy_tree(root: Path) -> dict[str, str]:
     expect[str(broken)] = "rejected"
     add("stray.jpg", jpeg(7), "rejected")  # not inside an identity folder
     return expect
+
+
+def face_tree(root: Path, counts: list[int], cut: tuple[int, int] | None = None) -> None:
+    """root/<identity>/<image>.jpg of rendered faces; ``cut`` = (identity, image) made short."""
+    for identity, count in enumerate(counts):
+        folder = root / f"person_{identity:03d}"
+        folder.mkdir(parents=True)
+        for index in range(count):
+            data = encode_jpeg(render_face(identity, index).image)
+            if (identity, index) == cut:
+                data = data[:len(data) * 2 // 3]
+            (folder / f"{index:04d}.jpg").write_bytes(data)
+
+
+def shard_folder(tree: Path, out: Path, *extra: str) -> Path:
+    """``python -m data_engine.shard --src folder`` of ``tree`` into ``out``."""
+    assert_ok(run_module("data_engine.shard", "--src", "folder", "--root", tree, "--out", out,
+                         "--workers", "1", *extra, timeout=120))
+    return out
 
 
 def write_recordio(root: Path, records: list[tuple[int, float | list[float], bytes]]) -> None:

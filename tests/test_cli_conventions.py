@@ -46,7 +46,7 @@ def test_user_error_with_debug_shows_traceback(tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     code = ("from common.cli import run_cli, UserError\n"
             "def main(argv):\n    raise UserError('bad thing in x.txt')\n"

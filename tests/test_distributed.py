@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -28,7 +27,16 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO, run_module
+from tests.helpers import (
+    ONE_THREAD,
+    REPO,
+    assert_ok,
+    module_env,
+    read_metrics,
+    run_module,
+    tiny_train_args,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -37,36 +45,30 @@ TOL = 1e-5
 # network is 1e-4 (fc) to 1e-3 (attfc) relative even between two one-process runs on 1 and
 # 2 threads; the weights they move are held to TOL.
 MOMENTUM_TOL = 1e-2
-TINY = ["--network", "mbf", "--network-args", '{"blocks": [1, 1, 1, 1], "scale": 1}',
-        "--embedding-size", "16", "--gamma", "0.9", "--device", "cpu", "--backend", "torch",
-        "--workers", "0", "--prefetch", "0", "--no-tensorboard", "--val", "none",
-        "--log-every", "1", "--lr", "0.001"]
+TINY = tiny_train_args(embedding_size=16, workers=0, gamma=0.9, prefetch=0, log_every=1,
+                       lr=0.001)
 # Each rank on one thread: two ranks on a 2-core machine, and one process alike.
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+ENV = module_env(ONE_THREAD)
 TORCHRUN = [str(Path(sys.executable).parent / "torchrun"), "--standalone",
             "--nproc_per_node", "2", "-m", "train"]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """Shards (10 ids x 8 images) and a feature encoder trained for a few steps."""
-    root = tmp_path_factory.mktemp("dist")
-    done = run_module("data_engine.shard", "--src", "synthetic", "--identities", "10",
-                      "--images-per-identity", "8", "--seed", "0", "--out", root / "shards")
-    assert done.returncode == 0, done.stderr
-    warm = root / "warm"
-    done = run_module("train", "--shards", root / "shards", "--output", warm, *TINY,
-                      "--head", "fc", "--batch-size", "8", "--lr", "0.1", "--max-steps", "8",
-                      env={"OMP_NUM_THREADS": "1"}, timeout=300)
-    assert done.returncode == 0, done.stderr
-    return root
+def warm(synthetic_shards, tmp_path_factory):
+    """A feature encoder trained for a few steps (its model.pt)."""
+    run = tmp_path_factory.mktemp("dist") / "warm"
+    assert_ok(run_module("train", "--shards", synthetic_shards, "--output", run, *TINY,
+                         "--head", "fc", "--batch-size", "8", "--lr", "0.1", "--max-steps", "8",
+                         env=ONE_THREAD, timeout=300))
+    return run / "model.pt"
 
 
-def _train(data: Path, run: Path, *args: str, ranks: int = 1) -> subprocess.CompletedProcess:
+def _train(shards: Path, warm: Path, run: Path, *args: str,
+           ranks: int = 1) -> subprocess.CompletedProcess:
     batch = str(8 // ranks)
     cmd = (TORCHRUN if ranks == 2 else [sys.executable, "-m", "train"]) + [
-        "--shards", str(data / "shards"), "--output", str(run), *TINY,
-        "--init", str(data / "warm" / "model.pt"), "--batch-size", batch, *args]
+        "--shards", str(shards), "--output", str(run), *TINY, "--init", str(warm),
+        "--batch-size", batch, *args]
     if ranks == 2:
         cmd.append("--sync-bn")
     done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
@@ -75,9 +77,7 @@ def _train(data: Path, run: Path, *args: str, ranks: int = 1) -> subprocess.Comp
 
 
 def _losses(run: Path) -> dict[int, float]:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines) if r.get("kind", "train")
-            == "train"}
+    return {r["step"]: r["loss"] for r in read_metrics(run)}
 
 
 def _checkpoint(run: Path, step: int) -> dict:
@@ -121,53 +121,47 @@ def _relative(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 @pytest.mark.parametrize(("head", "margin"), [("fc", "arcface"), ("partialfc", "arcface"),
                                             ("partialfc", "adaface"), ("fc", "magface")])
-def test_two_ranks_train_what_one_process_trains(data, tmp_path, head, margin):
+def test_two_ranks_train_what_one_process_trains(synthetic_shards, warm, tmp_path, head, margin):
     """Model-parallel fc / partialfc: the class matrix split over 2 ranks, gathered into one
     checkpoint of the same shape as one process's. AdaFace: the norm statistics of the
     global batch (the same EMA as one process); MagFace: the margin's and the regulariser's
     gradient through every rank's feature norms."""
     one, two = tmp_path / "one", tmp_path / "two"
-    _train(data, one, "--head", head, "--margin", margin, "--max-steps", "3")
-    done = _train(data, two, "--head", head, "--margin", margin, "--max-steps", "3",
-                  "--check-replicas", ranks=2)
+    _train(synthetic_shards, warm, one, "--head", head, "--margin", margin, "--max-steps", "3")
+    done = _train(synthetic_shards, warm, two, "--head", head, "--margin", margin,
+                  "--max-steps", "3", "--check-replicas", ranks=2)
     assert "global batch 8" in done.stderr
     assert_same_training(one, two, 3)
     assert _checkpoint(two, 3)["head"]["weight"].shape == (10, 16)  # the whole matrix
     assert json.loads((two / "metrics.jsonl").read_text().splitlines()[0])["global_batch"] == 8
 
 
-def test_attfc_two_ranks_exact_sigterm_and_resume_on_one(data, tmp_path):
+def test_attfc_two_ranks_exact_sigterm_and_resume_on_one(synthetic_shards, warm, tmp_path):
     """attfc on 2 ranks == 1 process (identical containers checked after every step); a
     SIGTERM'd 2-rank run resumed on 1 process reproduces the straight 2-rank run."""
     one, two, split = tmp_path / "one", tmp_path / "two", tmp_path / "split"
     args = ["--head", "attfc", "--max-steps", "4"]
-    _train(data, one, *args)
-    _train(data, two, *args, "--check-replicas", ranks=2)
+    _train(synthetic_shards, warm, one, *args)
+    _train(synthetic_shards, warm, two, *args, "--check-replicas", ranks=2)
     assert_same_training(one, two, 4)
 
-    cmd = [*TORCHRUN, "--shards", str(data / "shards"), "--output", str(split), *TINY,
-           "--init", str(data / "warm" / "model.pt"), "--batch-size", "4", "--sync-bn", *args]
+    cmd = [*TORCHRUN, "--shards", str(synthetic_shards), "--output", str(split), *TINY,
+           "--init", str(warm), "--batch-size", "4", "--sync-bn", *args]
     process = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while not (split / "metrics.jsonl").is_file() or not (
-            split / "metrics.jsonl").read_text().strip():
-        assert process.poll() is None and time.monotonic() < deadline, "no step logged"
-        time.sleep(0.05)
+    wait_until(lambda: bool(read_metrics(split)), process)
     process.send_signal(signal.SIGTERM)  # torchrun passes it to both ranks
     _, stderr = process.communicate(timeout=120)
     stopped = max(_losses(split))
     assert 1 <= stopped < 4, stderr[-2000:]
     assert [p.name for p in (split / "checkpoints").iterdir()] == [f"step-{stopped:09d}.pt"]
 
-    refused = run_module("train", "--output", split, "--resume", env={"OMP_NUM_THREADS": "1"},
-                         timeout=300)
+    refused = run_module("train", "--output", split, "--resume", env=ONE_THREAD, timeout=300)
     assert refused.returncode == 2
     assert "global batch of 8 (4 per rank x 2)" in refused.stderr
     assert "pass --batch-size 8" in refused.stderr
-    resumed = run_module("train", "--output", split, "--resume", "--batch-size", "8",
-                               env={"OMP_NUM_THREADS": "1"}, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_ok(run_module("train", "--output", split, "--resume", "--batch-size", "8",
+                         env=ONE_THREAD, timeout=300))
     assert_same_training(two, split, 4, from_step=stopped)
 
 
@@ -177,7 +171,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_a_killed_rank_stops_the_other_within_the_timeout(data, tmp_path):
+def test_a_killed_rank_stops_the_other_within_the_timeout(synthetic_shards, tmp_path):
     """Two ranks started as torchrun starts them (its environment), rank 1 killed mid-run:
     rank 0 exits non-zero with one line naming the failed collective, not a hang."""
     run, timeout = tmp_path / "run", 20
@@ -186,15 +180,12 @@ def test_a_killed_rank_stops_the_other_within_the_timeout(data, tmp_path):
     for rank in range(2):
         env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        cmd = [sys.executable, "-m", "train", "--shards", str(data / "shards"), "--output",
+        cmd = [sys.executable, "-m", "train", "--shards", str(synthetic_shards), "--output",
                str(run), *TINY, "--head", "fc", "--batch-size", "4", "--epochs", "50",
                "--dist-timeout", str(timeout)]
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
-    deadline = time.monotonic() + 240
-    while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text():
-        assert all(p.poll() is None for p in procs) and time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: bool(read_metrics(run, None)), *procs)
     procs[1].kill()
     killed_at = time.monotonic()
     _, stderr = procs[0].communicate(timeout=timeout + 60)

@@ -20,7 +20,7 @@ from evaluate.duplicates import Cut, duplicate_pairs, neighbours, pair_truth, ro
 from evaluate.features import load_embedder
 from model.heads import build_head
 from model.margins import build_margin
-from tests.conftest import assert_one_line_error
+from tests.helpers import assert_one_line_error
 from train.export import export_onnx
 from train.step import TrainStep, make_optimizer
 

@@ -13,21 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO, assert_one_line_error
+from tests.helpers import REPO, assert_one_line_error
 
 CONTRACT_KEYS = {"tar_at_far", "top1", "top5", "top10", "tpir_at_fpir"}
 FAR_KEYS = ["1e-06", "1e-05", "0.0001", "0.001", "0.01", "0.1"]
-
-
-@pytest.fixture(scope="module")
-def synth_ijb(tmp_path_factory):
-    from tests.conftest import run_module
-
-    root = tmp_path_factory.mktemp("ijb") / "ijbc"
-    result = run_module("evaluate", "synth-ijb", "--out", root, "--identities", "4",
-                        "--probes", "1", "--first-identity", "500", "--seed", "3")
-    assert result.returncode == 0, result.stderr
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -34,72 +34,62 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO, run_module
 from tests.fault_helpers import (
+    FREEZE,
     fill_disk,
+    killed_by_strace,
     last_error_line,
     resize_disk,
-    run_until_killed,
+    run_then_kill,
     small_dev_shm_prefix,
     small_disk,
-    strace_kill_prefix,
+    strace_prefix,
+)
+from tests.helpers import (
+    ONE_THREAD,
+    TINY_NETWORK_ARGS,
+    assert_ok,
+    read_metrics,
+    run_module,
+    start_module,
+    tiny_train_args,
     tree_bytes,
 )
 from tests.shard_helpers import output_bytes
 
-TINY_NET = '{"blocks": [1, 1, 1, 1], "scale": 1}'
 # fc: the cheapest head (identity images only); what these rows test does not depend on it.
-TINY = ["--network", "mbf", "--network-args", TINY_NET, "--embedding-size", "64",
-        "--head", "fc", "--batch-size", "8", "--device", "cpu", "--backend", "torch",
-        "--workers", "1", "--no-tensorboard", "--val", "none", "--log-every", "1"]
+TINY = tiny_train_args(head="fc", batch_size=8, log_every=1)
 # 24 small synthetic people in ~8 shards: enough shards to kill or fill mid-way.
 SHARD = ["--src", "synthetic", "--identities", "24", "--images-per-identity", "4", "--seed",
          "2", "--shard-size", "24k", "--workers", "1"]
 
 
-# One thread per process: the tests share two busy cores, where torch's default thread
-# pool spends more time spinning than computing.
-THREADS = {"OMP_NUM_THREADS": "1"}
-
-
 def cli(module: str, *args, **kwargs) -> subprocess.CompletedProcess:
-    return run_module(module, *args, env=THREADS, **kwargs)
-
-
-def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    return run_module(module, *args, env=ONE_THREAD, **kwargs)
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    """Training shards (10 ids x 8 images), another dataset (12 ids), a tiny .bin."""
-    root = tmp_path_factory.mktemp("faults")
-    for name, ids, seed in (("shards", "10", "0"), ("other", "12", "1")):
-        _ok(cli("data_engine.shard", "--src", "synthetic", "--identities", ids,
-                       "--images-per-identity", "8", "--seed", seed, "--workers", "1",
-                       "--out", root / name))
-    _ok(cli("evaluate", "synth-bin", "--out", root / "val" / "synth.bin",
-                   "--identities", "10", "--first-identity", "1000", "--pairs", "20"))
-    return root
+def other_shards(tmp_path_factory) -> Path:
+    """Another dataset (12 ids x 8 images) than the session's synthetic shards."""
+    out = tmp_path_factory.mktemp("faults") / "other"
+    assert_ok(cli("data_engine.shard", "--src", "synthetic", "--identities", "12",
+                  "--images-per-identity", "8", "--seed", "1", "--workers", "1", "--out", out))
+    return out
 
 
 @pytest.fixture(scope="module")
-def trained(data, tmp_path_factory) -> Path:
+def trained(synthetic_shards, tmp_path_factory) -> Path:
     """A run with checkpoints at steps 1, 2 and 3 (copy it before changing it)."""
     run = tmp_path_factory.mktemp("trained") / "run"
-    _ok(cli("train", "--shards", data / "shards", "--output", run, *TINY,
-                   "--max-steps", "3", "--ckpt-every", "1", timeout=300))
+    assert_ok(cli("train", "--shards", synthetic_shards, "--output", run, *TINY,
+                  "--max-steps", "3", "--ckpt-every", "1", timeout=300))
     return run
 
 
@@ -107,7 +97,7 @@ def trained(data, tmp_path_factory) -> Path:
 def sharded(tmp_path_factory) -> Path:
     """The reference output of SHARD, written without faults."""
     out = tmp_path_factory.mktemp("reference") / "shards"
-    _ok(cli("data_engine.shard", *SHARD, "--out", out))
+    assert_ok(cli("data_engine.shard", *SHARD, "--out", out))
     return out
 
 
@@ -136,26 +126,29 @@ def _shards_intact(out: Path) -> list[str]:
     return names
 
 
-def _records(run: Path) -> list[dict]:
-    text = (run / "metrics.jsonl").read_text()
-    assert not text or text.endswith("\n"), "torn last line"
-    return [json.loads(line) for line in text.splitlines()]
-
-
 # -- sharding -------------------------------------------------------------------------------
 
 @pytest.mark.slow
 def test_kill9_while_writing_a_shard(sharded, tmp_path):
+    """Killed with shards 0-2 committed and shard 3's temp file open: the three stay intact,
+    and the rerun keeps them and ends byte-identical to an uninterrupted run."""
+    from data_engine.layout import sidecar_path
+
     out = tmp_path / "shards"
-    log = tmp_path / "strace.txt"
-    prefix = strace_kill_prefix(out / ".shard-000003.tar.tmp", "write", log)
-    run_until_killed(prefix, "data_engine.shard", *SHARD, "--out", out, log=log)
+    temp = out / ".shard-000003.tar.tmp"
+    committed = [f"shard-{i:06d}.tar" for i in range(3)]
+    # The one worker writes the shards in plan order and freezes at its first write into
+    # shard 3, while this job's main process commits shards 0-2 (fsync, rename, sidecar).
+    prefix = strace_prefix(temp, "write", tmp_path / "strace.txt", FREEZE)
+    run_then_kill(prefix, "data_engine.shard", *SHARD, "--out", out,
+                  until=lambda: temp.is_file() and all(
+                      sidecar_path(out, name).is_file() for name in committed))
     assert not (out / "manifest.json").exists()
-    assert len(_shards_intact(out)) >= 2  # what was finished before the kill is intact
+    assert _shards_intact(out) == committed  # what was finished before the kill is intact
     assert not (out / "shard-000003.tar").exists()
 
-    rerun = _ok(cli("data_engine.shard", *SHARD, "--out", out))
-    assert "already done" in rerun.stderr
+    rerun = assert_ok(cli("data_engine.shard", *SHARD, "--out", out))
+    assert "3 already done" in rerun.stderr
     assert output_bytes(out) == output_bytes(sharded)
     assert not list(out.glob(".*"))  # the killed writer's temp file is gone
 
@@ -168,12 +161,10 @@ def test_one_sharding_worker_killed(sharded, tmp_path):
     completes the folder byte-identical to an uninterrupted run."""
     out = tmp_path / "shards"
     log = tmp_path / "strace.txt"
-    prefix = strace_kill_prefix(out / ".shard-000005.tar.tmp", "write", log)
+    prefix = strace_prefix(out / ".shard-000005.tar.tmp", "write", log)
     two_workers = [*SHARD[:-1], "2"]
     assert SHARD[-2] == "--workers"
-    result = subprocess.run([*prefix, sys.executable, "-m", "data_engine.shard", *two_workers,
-                             "--out", str(out)], capture_output=True, text=True, timeout=300,
-                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **THREADS})
+    result = cli("data_engine.shard", *two_workers, "--out", out, prefix=prefix, timeout=300)
     assert "killed by SIGKILL" in log.read_text()
     line = last_error_line(result, "data_engine.shard")
     assert re.search(r"sharding worker \d+ was killed by SIGKILL .*while writing "
@@ -183,7 +174,7 @@ def test_one_sharding_worker_killed(sharded, tmp_path):
     assert len(_shards_intact(out)) >= 4
     assert not (out / "manifest.json").exists()
 
-    _ok(cli("data_engine.shard", *two_workers, "--out", out))
+    assert_ok(cli("data_engine.shard", *two_workers, "--out", out))
     assert output_bytes(out) == output_bytes(sharded)
     assert not list(out.glob(".*"))
 
@@ -203,17 +194,17 @@ def test_disk_full_while_sharding(sharded, tmp_path):
         assert finished and not list(out.glob(".*"))
 
         resize_disk(disk, 4 * total)  # the user frees space and reruns
-        rerun = _ok(cli("data_engine.shard", *SHARD, "--out", out))
+        rerun = assert_ok(cli("data_engine.shard", *SHARD, "--out", out))
         assert f"{len(finished)} already done" in rerun.stderr
         assert output_bytes(out) == output_bytes(sharded)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("prog", ["data_engine.shard", "train"])
-def test_read_only_output_directory(prog, data, tmp_path):
+def test_read_only_output_directory(prog, synthetic_shards, tmp_path):
     with small_disk(tmp_path / "ro", 1 << 20, read_only=True) as disk:
         if prog == "train":
-            result = cli("train", "--shards", data / "shards", "--output", disk / "run",
+            result = cli("train", "--shards", synthetic_shards, "--output", disk / "run",
                          *TINY, "--max-steps", "1")
         else:
             result = cli("data_engine.shard", *SHARD, "--out", disk / "shards")
@@ -225,8 +216,8 @@ def test_read_only_output_directory(prog, data, tmp_path):
 # -- a damaged shards folder ----------------------------------------------------------------
 
 @pytest.mark.slow
-def test_truncated_shard_stops_train_before_step_one(data, tmp_path):
-    shards = _copy(data / "shards", tmp_path / "shards")
+def test_truncated_shard_stops_train_before_step_one(synthetic_shards, tmp_path):
+    shards = _copy(synthetic_shards, tmp_path / "shards")
     shard = shards / "shard-000000.tar"
     recorded = shard.stat().st_size
     os.truncate(shard, recorded - 10240)  # an interrupted copy
@@ -239,15 +230,13 @@ def test_truncated_shard_stops_train_before_step_one(data, tmp_path):
 
 
 @pytest.mark.slow
-def test_dev_shm_too_small_for_the_loader(data, tmp_path):
+def test_dev_shm_too_small_for_the_loader(synthetic_shards, tmp_path):
     """A container's small /dev/shm (here a real 1 MiB tmpfs in a mount namespace of the
     run's own) cannot hold the torch loader's shared batch buffers (5 of 0.3 MiB): train
     stops before step one with one line naming /dev/shm and --workers."""
     prefix = small_dev_shm_prefix(1 << 20)
-    result = subprocess.run([*prefix, sys.executable, "-m", "train", "--shards",
-                             str(data / "shards"), "--output", str(tmp_path / "run"), *TINY,
-                             "--max-steps", "2"], capture_output=True, text=True, timeout=300,
-                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **THREADS})
+    result = cli("train", "--shards", synthetic_shards, "--output", tmp_path / "run", *TINY,
+                 "--max-steps", "2", prefix=prefix, timeout=300)
     line = last_error_line(result, "train")
     assert line.startswith("train: error: /dev/shm: no room for the torch loader's 5 batch "
                            "buffers") and "pass fewer --workers" in line, line
@@ -255,10 +244,10 @@ def test_dev_shm_too_small_for_the_loader(data, tmp_path):
 
 
 @pytest.mark.slow
-def test_bit_flipped_shard_found_by_verify_shards(data, tmp_path):
+def test_bit_flipped_shard_found_by_verify_shards(synthetic_shards, tmp_path):
     from data_engine.loading.reader import ShardReader
 
-    shards = _copy(data / "shards", tmp_path / "shards")
+    shards = _copy(synthetic_shards, tmp_path / "shards")
     reader = ShardReader(shards)
     _flip_bit(reader.shard_paths[0], int(reader.image_offset[0] + reader.image_bytes[0] // 2))
     recorded = json.loads((shards / "manifest.json").read_text())["shards"][0]["sha256"]
@@ -277,13 +266,13 @@ def _damage(path: Path, how: str) -> None:
 
 
 @pytest.mark.parametrize("how", ["truncated", "bit-flipped"])
-def test_damaged_index(data, tmp_path, how):
+def test_damaged_index(synthetic_shards, tmp_path, how):
     """What train runs before step one (size check, then the reader) names index.npz."""
     from common.errors import UserError
     from data_engine.loading.integrity import check_shards
     from data_engine.loading.reader import ShardReader
 
-    shards = _copy(data / "shards", tmp_path / "shards")
+    shards = _copy(synthetic_shards, tmp_path / "shards")
     _damage(shards / "index.npz", how)
     check_shards(shards)  # the shards themselves are fine
     with pytest.raises(UserError, match=r"index\.npz") as error:
@@ -292,11 +281,11 @@ def test_damaged_index(data, tmp_path, how):
 
 
 @pytest.mark.parametrize("how", ["truncated", "bit-flipped"])
-def test_damaged_manifest(data, tmp_path, how):
+def test_damaged_manifest(synthetic_shards, tmp_path, how):
     from common.errors import UserError
     from data_engine.loading.integrity import check_shards
 
-    shards = _copy(data / "shards", tmp_path / "shards")
+    shards = _copy(synthetic_shards, tmp_path / "shards")
     manifest = shards / "manifest.json"
     first = json.loads(manifest.read_text())["shards"][0]
     if how == "truncated":
@@ -317,36 +306,34 @@ def test_damaged_manifest(data, tmp_path, how):
 # -- training -------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_kill9_while_writing_a_checkpoint(data, tmp_path):
+def test_kill9_while_writing_a_checkpoint(synthetic_shards, tmp_path):
     run = tmp_path / "run"
     log = tmp_path / "strace.txt"
     temp = run / "checkpoints" / ".step-000000006.pt.tmp"
-    prefix = strace_kill_prefix(temp, "fsync", log)  # written in full, not yet renamed
-    run_until_killed(prefix, "train", "--shards", data / "shards", "--output", run, *TINY,
-                     "--max-steps", "6", "--ckpt-every", "3", log=log,
-                     attach_when=lambda: (run / "metrics.jsonl").is_file()
-                     and bool(_records(run)))
+    prefix = strace_prefix(temp, "fsync", log)  # written in full, not yet renamed
+    run_then_kill(prefix, "train", "--shards", synthetic_shards, "--output", run, *TINY,
+                  "--max-steps", "6", "--ckpt-every", "3", until=killed_by_strace(log))
     from train.checkpoint import list_checkpoints, load_checkpoint
 
     assert temp.stat().st_size > 0  # killed inside step 6's checkpoint write
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-000000003.pt"]
     assert load_checkpoint(run / "checkpoints" / "step-000000003.pt")["position"]["step"] == 3
-    assert [r["step"] for r in _records(run)] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in read_metrics(run, None)] == [1, 2, 3, 4, 5, 6]
 
-    resumed = _ok(cli("train", "--output", run, "--resume", timeout=300))
+    resumed = assert_ok(cli("train", "--output", run, "--resume", timeout=300))
     assert f"resuming from {run / 'checkpoints' / 'step-000000003.pt'}" in resumed.stderr
-    assert [r["step"] for r in _records(run)] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in read_metrics(run, None)] == [1, 2, 3, 4, 5, 6]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "step-000000003.pt", "step-000000006.pt"]  # the temp file was replaced
 
 
 @pytest.mark.slow
-def test_disk_full_while_writing_a_checkpoint(data, trained, tmp_path):
+def test_disk_full_while_writing_a_checkpoint(synthetic_shards, trained, tmp_path):
     size = (trained / "checkpoints" / "step-000000001.pt").stat().st_size
     with small_disk(tmp_path / "disk", size * 3 // 2 // 4096 * 4096) as disk:
         run = disk / "run"
         ckpts = run / "checkpoints"
-        result = cli("train", "--shards", data / "shards", "--output", run, *TINY,
+        result = cli("train", "--shards", synthetic_shards, "--output", run, *TINY,
                             "--max-steps", "4", "--ckpt-every", "2", timeout=300)
         line = last_error_line(result, "train")
         assert line.startswith(f"train: error: cannot write {ckpts / 'step-000000004.pt'}: "
@@ -356,8 +343,8 @@ def test_disk_full_while_writing_a_checkpoint(data, trained, tmp_path):
         assert sorted(p.name for p in ckpts.iterdir()) == ["step-000000002.pt"]
 
         resize_disk(disk, size * 4)
-        _ok(cli("train", "--output", run, "--resume", timeout=300))
-        assert [r["step"] for r in _records(run)] == [1, 2, 3, 4]
+        assert_ok(cli("train", "--output", run, "--resume", timeout=300))
+        assert [r["step"] for r in read_metrics(run, None)] == [1, 2, 3, 4]
         assert (ckpts / "step-000000004.pt").is_file()
 
 
@@ -368,7 +355,7 @@ def test_damaged_checkpoints(trained, tmp_path):
     ckpts = run / "checkpoints"
     _damage(ckpts / "step-000000003.pt", "truncated")
     _damage(ckpts / "step-000000002.pt", "bit-flipped")
-    resumed = _ok(cli("train", "--output", run, "--resume", timeout=300))
+    resumed = assert_ok(cli("train", "--output", run, "--resume", timeout=300))
     for step in (3, 2):
         assert f"skipping unreadable checkpoint {ckpts / f'step-00000000{step}.pt'}" \
             in resumed.stderr
@@ -385,28 +372,23 @@ def test_damaged_checkpoints(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_during_validation(data, tmp_path):
-    """SIGTERM as validation starts (right after step 3's record): validation finishes and
-    is recorded, the run stops at the next step boundary with a checkpoint, exit 0."""
+def test_sigterm_during_validation(synthetic_shards, verification_sets, tmp_path):
+    """SIGTERM as validation starts (strace sends it at step 3's record): validation
+    finishes and is recorded, the run stops at the next step boundary with a checkpoint,
+    exit 0."""
     run = tmp_path / "run"
-    args = [*TINY, "--val", str(data / "val"), "--val-every", "3", "--max-steps", "8"]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "train", "--shards", str(data / "shards"), "--output",
-         str(run), *args], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **THREADS},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while not ((run / "metrics.jsonl").is_file()
-               and any(r["step"] == 3 for r in _records(run))):
-        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
-        time.sleep(0.01)
-    process.send_signal(signal.SIGTERM)
+    prefix = strace_prefix(run / "metrics.jsonl", "write", tmp_path / "strace.txt",
+                           "signal=SIGTERM", when="3")
+    process = start_module("train", "--shards", synthetic_shards, "--output", run, *TINY,
+                           "--val", verification_sets, "--val-every", "3", "--max-steps", "8",
+                           prefix=prefix, env=ONE_THREAD)
     out, err = process.communicate(timeout=240)
     assert process.returncode == 0, err
     assert err.index("SIGTERM received") < err.index("validation: synth")  # it was running
     stopped = int(re.search(r"stopped by SIGTERM at step (\d+); resume with: python -m "
                             rf"train --output {re.escape(str(run))} --resume", out)[1])
     assert stopped in (3, 4)  # this step, or the next one all ranks agree on
-    records = [(r["step"], r.get("kind")) for r in _records(run)]
+    records = [(r["step"], r.get("kind")) for r in read_metrics(run, None)]
     assert records == [(1, None), (2, None), (3, None), (3, "val"), (4, None)][:stopped + 1]
     from train.checkpoint import load_checkpoint
 
@@ -416,14 +398,14 @@ def test_sigterm_during_validation(data, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("change", ["dataset", "settings"])
-def test_resume_refuses_another_run(data, trained, tmp_path, change):
+def test_resume_refuses_another_run(other_shards, trained, tmp_path, change):
     run = _copy(trained, tmp_path / "run")
     before = tree_bytes(run)
     if change == "dataset":
         result = cli("train", "--output", run, "--resume", "--shards",
-                            data / "other", timeout=300)
+                            other_shards, timeout=300)
         expected = (f"train: error: --resume: {run / 'checkpoints'} was trained on another "
-                    f"dataset (10 identities, 80 images) than --shards {data / 'other'}")
+                    f"dataset (10 identities, 80 images) than --shards {other_shards}")
     else:
         result = cli("train", "--output", run, "--resume", "--embedding-size", "128",
                             "--lr", "0.05")
@@ -477,7 +459,7 @@ def test_disk_full_in_tensorboard(tmp_path, capfd):
                 log.write({"step": step, "loss": 1.0, "lr": 0.1, "other": 2.0})
         log.close()
         assert str(error.value).startswith(f"cannot write {board}: disk full"), error.value
-        steps = [r["step"] for r in _records(run)]
+        steps = [r["step"] for r in read_metrics(run, None)]
         assert steps == list(range(1, len(steps) + 1))  # metrics.jsonl is whole and complete
         assert "Traceback" not in capfd.readouterr().err  # the writer thread stays quiet
 
@@ -516,24 +498,22 @@ def test_disk_full_in_evaluate_writers(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ijb_and_models(tmp_path_factory):
-    """A tiny synthetic IJB-C and two different tiny models."""
+def ijb_and_models(synth_ijb, tmp_path_factory):
+    """The tiny synthetic IJB-C and two different tiny models."""
     from model.backbones import get_model
 
-    root = tmp_path_factory.mktemp("ijb")
-    _ok(cli("evaluate", "synth-ijb", "--out", root / "ijbc", "--identities", "4",
-                   "--probes", "1", "--first-identity", "500", "--seed", "3"))
+    root = tmp_path_factory.mktemp("models")
     models = []
     for seed in (0, 1):
         folder = root / f"model{seed}"
         folder.mkdir()
         torch.manual_seed(seed)
-        net = get_model("mbf", embedding_size=64, **json.loads(TINY_NET))
+        net = get_model("mbf", embedding_size=64, **TINY_NETWORK_ARGS)
         torch.save(net.state_dict(), folder / "model.pt")
         (folder / "model.json").write_text(json.dumps(
-            {"network": "mbf", "embedding_size": 64, "network_args": json.loads(TINY_NET)}))
+            {"network": "mbf", "embedding_size": 64, "network_args": TINY_NETWORK_ARGS}))
         models.append(folder / "model.pt")
-    return root / "ijbc", models
+    return synth_ijb, models
 
 
 @pytest.mark.slow
@@ -547,14 +527,15 @@ def test_kill9_while_evaluate_commits_its_cache(ijb_and_models, tmp_path):
         args = ["ijbc", "--root", root, "--model", model, "--device", "cpu", "--batch-size",
                 "16", "--cache", cache, "--out", out]
         if prefix is None:
-            return _ok(cli("evaluate", *args, timeout=300))
-        return run_until_killed(prefix, "evaluate", *args, log=tmp_path / "strace.txt")
+            return assert_ok(cli("evaluate", *args, timeout=300))
+        return run_then_kill(prefix, "evaluate", *args,
+                             until=killed_by_strace(tmp_path / "strace.txt"))
 
     first = evaluate(model_a, tmp_path / "a.json")
     assert "cached features in" in first.stderr
     sidecar_temp = cache.parent / ".features.json.tmp"
     evaluate(model_b, tmp_path / "b.json",
-             strace_kill_prefix(sidecar_temp, "fsync", tmp_path / "strace.txt"))
+             strace_prefix(sidecar_temp, "fsync", tmp_path / "strace.txt"))
     assert not cache.with_suffix(".json").exists() and not (tmp_path / "b.json").exists()
 
     again = evaluate(model_a, tmp_path / "a2.json")

@@ -15,7 +15,7 @@ import pytest
 from bench import gpu_check
 from bench.check_harness import CheckError, Command, Context
 from bench.resume_compare import compare_losses, compare_weights
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 GPU_ONLY = ("train_compile", "loader_dali")
 

@@ -16,7 +16,7 @@ import torch
 
 from data_engine.loading.loader import build_loader
 from data_engine.loading.torch_backend import CudaCallError, checked_cuda_call
-from tests.test_loader import K, _collect, shards  # noqa: F401 (module fixture)
+from tests.test_loader import K, _collect
 
 
 def _gone(pids: list[int], timeout: float = 10.0) -> bool:
@@ -31,26 +31,26 @@ def _gone(pids: list[int], timeout: float = 10.0) -> bool:
     return False
 
 
-def test_workers_are_forked_once_per_run(shards: Path) -> None:  # noqa: F811
+def test_workers_are_forked_once_per_run(face_shards: Path) -> None:
     """Epoch 2 reuses epoch 1's worker processes, after epoch 1 was cut short mid-way, and
     still yields exactly the batches of a fresh loader; close() leaves no process behind."""
     kwargs = dict(seed=5, backend="torch", device="cpu", workers=2)
     before = {child.pid for child in psutil.Process().children()}
-    first = build_loader(shards, 4, K, epoch=0, **kwargs)
+    first = build_loader(face_shards, 4, K, epoch=0, **kwargs)
     first.start()
     pids = first._impl.worker_pids()
     assert len(pids) == 2 and set(pids) == {c.pid for c in psutil.Process().children()} - before
     for step, _ in enumerate(first):  # stop early: tasks still in flight must be drained
         if step == 3:
             break
-    second = build_loader(shards, 4, K, epoch=1, reuse=first, **kwargs)
+    second = build_loader(face_shards, 4, K, epoch=1, reuse=first, **kwargs)
     got = _collect(second)
     assert second._impl.worker_pids() == pids
     assert {c.pid for c in psutil.Process().children()} - before == set(pids)
-    expected = _collect(build_loader(shards, 4, K, epoch=1, **{**kwargs, "workers": 0}))
+    expected = _collect(build_loader(face_shards, 4, K, epoch=1, **{**kwargs, "workers": 0}))
     for name, values in expected.items():
         assert torch.equal(got[name], values), name
-    third = build_loader(shards, 4, K, epoch=2, reuse=second, **kwargs)
+    third = build_loader(face_shards, 4, K, epoch=2, reuse=second, **kwargs)
     next(iter(third))
     assert third._impl.worker_pids() == pids
     third.close()
@@ -58,17 +58,17 @@ def test_workers_are_forked_once_per_run(shards: Path) -> None:  # noqa: F811
     assert third._impl.worker_pids() == []
 
 
-def test_other_settings_close_the_old_pool(shards: Path) -> None:  # noqa: F811
-    old = build_loader(shards, 4, K, seed=0, backend="torch", device="cpu", workers=1)
+def test_other_settings_close_the_old_pool(face_shards: Path) -> None:
+    old = build_loader(face_shards, 4, K, seed=0, backend="torch", device="cpu", workers=1)
     old.start()
     pids = old._impl.worker_pids()
-    new = build_loader(shards, 4, K, seed=0, backend="torch", device="cpu", workers=2,
+    new = build_loader(face_shards, 4, K, seed=0, backend="torch", device="cpu", workers=2,
                        reuse=old)
     assert _gone(pids) and new._impl is not old._impl
 
 
-def test_dropped_loader_stops_its_workers(shards: Path) -> None:  # noqa: F811
-    loader = build_loader(shards, 4, K, seed=0, backend="torch", device="cpu", workers=2)
+def test_dropped_loader_stops_its_workers(face_shards: Path) -> None:
+    loader = build_loader(face_shards, 4, K, seed=0, backend="torch", device="cpu", workers=2)
     next(iter(loader))
     pids = loader._impl.worker_pids()
     assert len(pids) == 2
@@ -107,10 +107,11 @@ def test_checked_cuda_call_raises_at_the_failing_call() -> None:
         in message, message
 
 
-def test_one_pass_at_a_time(shards: Path) -> None:  # noqa: F811
+def test_one_pass_at_a_time(face_shards: Path) -> None:
     """Two live iterators over one pool would take each other's batches: the second is refused
     until the first is closed."""
-    with build_loader(shards, 4, K, seed=0, backend="torch", device="cpu", workers=1) as loader:
+    with build_loader(face_shards, 4, K, seed=0, backend="torch", device="cpu",
+                      workers=1) as loader:
         first = iter(loader)
         next(first)
         with pytest.raises(RuntimeError, match="one pass at a time"):
@@ -125,7 +126,7 @@ class _StandInCuda:
     named by device, events that note the stream they were recorded on (an event's default
     is the current device's stream, as in torch), and cudaHostRegister/Unregister that note
     the current device. Only what the backend asks of CUDA is faked; workers, slots and
-    shards are real."""
+    face_shards are real."""
 
     def __init__(self) -> None:
         self.local = threading.local()
@@ -179,7 +180,7 @@ class _StandInCuda:
         return Runtime()
 
 
-def test_cuda_n_copies_are_tracked_on_that_gpu(shards: Path,  # noqa: F811
+def test_cuda_n_copies_are_tracked_on_that_gpu(face_shards: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """With device cuda:1 and the loader iterated in a thread of its own (train's prefetch
     thread), slots are pinned, copied, fenced by an event on cuda:1's stream and unpinned
@@ -202,9 +203,9 @@ def test_cuda_n_copies_are_tracked_on_that_gpu(shards: Path,  # noqa: F811
         return real_batch(step, pixels, torch.device("cpu"))
 
     monkeypatch.setattr(torch_backend, "batch_from_pixels", copy)
-    reader = ShardReader(shards)
+    reader = ShardReader(face_shards)
     plan = EpochPlan(reader.identity_start, 4, K, seed=0)
-    batches = torch_backend.TorchBatches(ImageSource(shards, 112, False, reader),
+    batches = torch_backend.TorchBatches(ImageSource(face_shards, 112, False, reader),
                                          device="cuda:1", workers=1)
     batches.start(plan)  # pinned from the main thread, as train does
     seen = []

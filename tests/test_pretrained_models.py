@@ -17,59 +17,41 @@ import onnx
 import pytest
 import torch
 
-from tests.conftest import assert_one_line_error, run_module
+from tests.helpers import (
+    assert_ok,
+    assert_one_line_error,
+    run_module,
+    tiny_train_args,
+)
 
 # the tests export small models with torch's TorchScript exporter, as train.export does
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
-TINY_NET = {"blocks": [1, 1, 1, 1], "scale": 1}
-TINY = ["--network", "mbf", "--network-args", json.dumps(TINY_NET), "--embedding-size", "64",
-        "--batch-size", "8", "--gamma", "0.9", "--device", "cpu", "--backend", "torch",
-        "--workers", "1", "--no-tensorboard", "--val", "none"]
-
-
-def _ok(result):
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+TINY = tiny_train_args(batch_size=8, gamma=0.9)
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pretrained") / "shards"
-    _ok(run_module("data_engine.shard", "--src", "synthetic", "--identities", "10",
-                   "--images-per-identity", "8", "--seed", "0", "--out", root))
-    return root
-
-
-@pytest.fixture(scope="module")
-def run(shards):
+def run(synthetic_shards, tmp_path_factory):
     """A trained run (3 steps move the weights and the BatchNorm statistics)."""
-    out = shards.parent / "run"
-    _ok(run_module("train", "--shards", shards, "--output", out, *TINY, "--max-steps", "3",
-                   timeout=300))
+    out = tmp_path_factory.mktemp("pretrained") / "run"
+    assert_ok(run_module("train", "--shards", synthetic_shards, "--output", out, *TINY,
+                         "--max-steps", "3", timeout=300))
     return out
 
 
-@pytest.fixture(scope="module")
-def ijb(shards):
-    root = shards.parent / "ijbc"
-    _ok(run_module("evaluate", "synth-ijb", "--out", root, "--identities", "4", "--probes", "1",
-                   "--first-identity", "500", "--seed", "3"))
-    return root
-
-
-def _evaluate(ijb, model, out_dir, name, *extra):
+def _evaluate(synth_ijb, model, out_dir, name, *extra):
     """IJB-C metrics and the per-image features (the cache) of one model, and the log."""
     out, cache = out_dir / f"{name}.json", out_dir / f"{name}_features.npy"
-    done = _ok(run_module("evaluate", "ijbc", "--root", ijb, "--model", model, "--device", "cpu",
-                          "--batch-size", "16", "--cache", cache, "--out", out, *extra))
+    done = assert_ok(run_module("evaluate", "ijbc", "--root", synth_ijb, "--model", model,
+                                "--device", "cpu", "--batch-size", "16", "--cache", cache,
+                                "--out", out, *extra))
     return json.loads(out.read_text()), np.load(cache), done.stderr
 
 
 @pytest.fixture(scope="module")
-def reference(run, ijb):
+def reference(run, synth_ijb):
     """The run's own model.pt through evaluate: (metrics, features)."""
-    metrics, features, _ = _evaluate(ijb, run / "model.pt", run, "pt")
+    metrics, features, _ = _evaluate(synth_ijb, run / "model.pt", run, "pt")
     return metrics, features
 
 
@@ -77,9 +59,9 @@ def reference(run, ijb):
 def exports(run):
     """``python -m train.export`` of the run, with a dynamic and a fixed batch of 1."""
     paths = {"dynamic": run / "dynamic.onnx", "batch1": run / "batch1.onnx"}
-    _ok(run_module("train.export", run / "model.pt", "--onnx", paths["dynamic"], timeout=120))
-    _ok(run_module("train.export", run / "model.pt", "--onnx", paths["batch1"],
-                   "--fixed-batch", "1", timeout=120))
+    assert_ok(run_module("train.export", run / "model.pt", "--onnx", paths["dynamic"], timeout=120))
+    assert_ok(run_module("train.export", run / "model.pt", "--onnx", paths["batch1"],
+                         "--fixed-batch", "1", timeout=120))
     return paths
 
 
@@ -95,8 +77,8 @@ def _close(features, expected):
 
 
 @pytest.mark.parametrize("name", ["dynamic", "batch1"])
-def test_onnx_export_gives_the_runs_ijb_metrics(reference, exports, ijb, tmp_path, name):
-    metrics, features, log = _evaluate(ijb, exports[name], tmp_path, name)
+def test_onnx_export_gives_the_runs_ijb_metrics(reference, exports, synth_ijb, tmp_path, name):
+    metrics, features, log = _evaluate(synth_ijb, exports[name], tmp_path, name)
     assert "(x - 127.5) / 127.5 (no Sub/Mul among the first nodes)" in log, log
     assert ("batch dynamic," if name == "dynamic" else "batch 1,") in log, log
     _close(features, reference[1])
@@ -108,8 +90,8 @@ def test_fixed_batch_pads_the_last_batch(run, exports, tmp_path):
     from evaluate.onnx_model import OnnxEmbedder
 
     path = tmp_path / "batch5.onnx"
-    _ok(run_module("train.export", run / "model.pt", "--onnx", path, "--fixed-batch", "5",
-                   timeout=120))
+    assert_ok(run_module("train.export", run / "model.pt", "--onnx", path, "--fixed-batch", "5",
+                         timeout=120))
     images = np.random.default_rng(0).integers(0, 256, (7, 3, 112, 112), dtype=np.uint8)
     fixed = OnnxEmbedder(path, device="cpu")
     assert fixed.fixed_batch == 5
@@ -144,12 +126,12 @@ def _raw_pixel_onnx(run, path):
     onnx.save(model, str(path))
 
 
-def test_raw_pixel_onnx_is_detected_and_the_flag_overrides_it(run, ijb, reference, tmp_path):
+def test_raw_pixel_onnx_is_detected_and_the_flag_overrides_it(run, synth_ijb, reference, tmp_path):
     from evaluate.onnx_model import OnnxEmbedder
 
     path = tmp_path / "mxnet_style.onnx"
     _raw_pixel_onnx(run, path)
-    _, features, log = _evaluate(ijb, path, tmp_path, "raw")
+    _, features, log = _evaluate(synth_ijb, path, tmp_path, "raw")
     assert "raw pixels 0-255 (first nodes subtract and multiply)" in log, log
     _close(features, reference[1])
     images = np.random.default_rng(0).integers(0, 256, (2, 3, 112, 112), dtype=np.uint8)
@@ -182,12 +164,12 @@ def test_arcface_torch_state_dict_loads_with_network(tmp_path):
         expected = backbone.module.eval()
     finally:
         dist.destroy_process_group()
-    _ok(run_module("evaluate", "synth-bin", "--out", tmp_path / "s.bin", "--identities",
-                   "4", "--pairs", "10", "--first-identity", "700"))
+    assert_ok(run_module("evaluate", "synth-bin", "--out", tmp_path / "s.bin", "--identities",
+                         "4", "--pairs", "10", "--first-identity", "700"))
     out = tmp_path / "lfw.json"
-    _ok(run_module("evaluate", "lfw", "--bin", tmp_path / "s.bin", "--model",
-                   tmp_path / "backbone.pth", "--network", "mbf", "--device", "cpu",
-                   "--out", out))
+    assert_ok(run_module("evaluate", "lfw", "--bin", tmp_path / "s.bin", "--model",
+                         tmp_path / "backbone.pth", "--network", "mbf", "--device", "cpu",
+                         "--out", out))
     assert json.loads(out.read_text())["num_pairs"] == 10
 
     from evaluate.features import load_backbone
@@ -202,25 +184,25 @@ def test_arcface_torch_state_dict_loads_with_network(tmp_path):
                     "unexpected key '", "pass the right --network")
 
 
-def test_wrong_or_mismatched_files_are_one_line_errors(run, ijb, tmp_path):
+def test_wrong_or_mismatched_files_are_one_line_errors(run, synth_ijb, tmp_path):
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"\x08\x07not a protobuf" * 20)
-    assert_one_line_error(run_module("evaluate", "ijbc", "--root", ijb, "--model", garbage),
+    assert_one_line_error(run_module("evaluate", "ijbc", "--root", synth_ijb, "--model", garbage),
                     "garbage.onnx: not an ONNX model")
     small = tmp_path / "small.onnx"  # a 96x96 attribute-style model, not a recognition one
     torch.onnx.export(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten()),
                       (torch.zeros(1, 3, 96, 96),), str(small), dynamo=False)
-    assert_one_line_error(run_module("evaluate", "ijbc", "--root", ijb, "--model", small,
+    assert_one_line_error(run_module("evaluate", "ijbc", "--root", synth_ijb, "--model", small,
                                "--no-cache"), "small.onnx: input", "[1, 3, 96, 96]",
                     "expected [N, 3, 112, 112]")
-    assert_one_line_error(run_module("evaluate", "ijbc", "--root", ijb, "--model", small,
+    assert_one_line_error(run_module("evaluate", "ijbc", "--root", synth_ijb, "--model", small,
                                "--network", "r50"), "--network r50: an ONNX model carries")
     text = tmp_path / "model.pt"
     text.write_text("not weights")
-    assert_one_line_error(run_module("evaluate", "ijbc", "--root", ijb, "--model", text),
+    assert_one_line_error(run_module("evaluate", "ijbc", "--root", synth_ijb, "--model", text),
                     "model.pt: not a loadable PyTorch weights file")
-    assert_one_line_error(run_module("evaluate", "ijbc", "--root", ijb, "--model", run / "model.pt",
-                               "--network", "r18"),
+    assert_one_line_error(run_module("evaluate", "ijbc", "--root", synth_ijb, "--model",
+                                     run / "model.pt", "--network", "r18"),
                     "model.pt: weights do not fit network r18", "missing key 'conv1.weight'",
                     "unexpected key")
 
@@ -246,15 +228,16 @@ def test_insightface_routes_our_export_to_its_recognition_class(run, exports):
     assert cosine.min() >= 0.9999, cosine
 
 
-def test_init_starts_from_a_runs_model_and_resume_keeps_the_checkpoint(run, shards, tmp_path):
+def test_init_starts_from_a_runs_model_and_resume_keeps_the_checkpoint(run, synthetic_shards,
+                                                                       tmp_path):
     from evaluate.features import load_backbone
     from train.__main__ import build_parser
     from train.config import resolve
     from train.loop import Trainer
 
     fine = tmp_path / "fine"
-    args = build_parser().parse_args(["--shards", str(shards), "--output", str(fine), *TINY,
-                                      "--init", str(run / "model.pt"), "--max-steps", "2"])
+    args = build_parser().parse_args(["--shards", str(synthetic_shards), "--output", str(fine),
+                                      *TINY, "--init", str(run / "model.pt"), "--max-steps", "2"])
     trainer = Trainer(resolve(args), resume=False)
     try:
         source = load_backbone(run / "model.pt")
@@ -272,17 +255,17 @@ def test_init_starts_from_a_runs_model_and_resume_keeps_the_checkpoint(run, shar
     copy = tmp_path / "init.pt"
     copy.write_bytes((run / "model.pt").read_bytes())
     cli = tmp_path / "cli"
-    _ok(run_module("train", "--shards", shards, "--output", cli, *TINY, "--init", copy,
-                   "--max-steps", "2", timeout=300))
+    assert_ok(run_module("train", "--shards", synthetic_shards, "--output", cli, *TINY,
+                         "--init", copy, "--max-steps", "2", timeout=300))
     assert f"init = {json.dumps(str(copy))}" in (cli / "config.toml").read_text()
     copy.unlink()
-    _ok(run_module("train", "--output", cli, "--resume", "--max-steps", "3", timeout=300))
+    assert_ok(run_module("train", "--output", cli, "--resume", "--max-steps", "3", timeout=300))
     assert json.loads((cli / "model.json").read_text())["step"] == 3
 
     wrong = tmp_path / "wrong"
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "bad.pth")
-    assert_one_line_error(run_module("train", "--shards", shards, "--output", wrong, *TINY,
-                                     "--init", tmp_path / "bad.pth", timeout=300),
+    assert_one_line_error(run_module("train", "--shards", synthetic_shards, "--output", wrong,
+                                     *TINY, "--init", tmp_path / "bad.pth", timeout=300),
                           "bad.pth: weights do not fit network mbf", "missing key",
                           "unexpected key 'conv1.weight'")
 

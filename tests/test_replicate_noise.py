@@ -15,7 +15,7 @@ from data_engine import build_loader
 from model.heads import build_head
 from model.heads.attfc import dcc_capacity
 from model.margins import build_margin
-from tests.conftest import REPO
+from tests.helpers import REPO
 from train.image_stats import ImageStats
 from train.step import TrainStep, make_optimizer
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from data_engine.loading.reader import ShardReader
+from tests.helpers import run_module
 from tests.shard_helpers import (
     jpeg,
     messy_tree,
@@ -32,8 +33,6 @@ def tree(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sharded(tree, tmp_path_factory):
-    from tests.conftest import run_module
-
     root, _ = tree
     out = tmp_path_factory.mktemp("out") / "shards"
     result = run_module(MODULE, "--src", "folder", "--root", root, "--out", out,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from synthetic.faces import encode_jpeg, identity_name, render_face
-from tests.conftest import assert_one_line_error
+from tests.helpers import assert_one_line_error
 from tests.shard_helpers import one_line_error, output_bytes, read_back
 
 MODULE = "data_engine.shard"

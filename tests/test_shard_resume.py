@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import run_module, start_module, wait_until
 from tests.shard_helpers import jpeg, output_bytes, read_back, write
 
 MODULE = "data_engine.shard"
@@ -40,8 +36,6 @@ def _run(root, out, run_cli):
 
 @pytest.fixture(scope="module")
 def reference(slow_tree, tmp_path_factory):
-    from tests.conftest import run_module
-
     out = tmp_path_factory.mktemp("reference") / "shards"
     _run(slow_tree, out, run_module)
     read_back(out)
@@ -50,15 +44,8 @@ def reference(slow_tree, tmp_path_factory):
 
 def test_interrupt_then_rerun_is_identical(slow_tree, reference, tmp_path, run_cli):
     out = tmp_path / "interrupted"
-    process = subprocess.Popen(
-        [sys.executable, "-m", MODULE, *ARGS, "--root", str(slow_tree), "--out", str(out)],
-        env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not (out / "parts" / "shard-000001.json").exists():
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    process = start_module(MODULE, *ARGS, "--root", slow_tree, "--out", out)
+    wait_until((out / "parts" / "shard-000001.json").exists, process, timeout=60)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr

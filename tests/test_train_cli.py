@@ -11,58 +11,32 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.helpers import TINY_NETWORK_ARGS, read_metrics, start_module, tiny_train_args, wait_until
 
 pytestmark = pytest.mark.slow
 
-TINY_NET = '{"blocks": [1, 1, 1, 1], "scale": 1}'
-TINY = ["--network", "mbf", "--network-args", TINY_NET, "--embedding-size", "64",
-        "--batch-size", "8", "--gamma", "0.9", "--device", "cpu", "--backend", "torch",
-        "--workers", "1", "--no-tensorboard", "--val", "none"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """Shards (10 ids x 8 images = 10 steps/epoch at B=8) and a held-out verification .bin."""
-    from tests.conftest import run_module
-
-    root = tmp_path_factory.mktemp("train_data")
-    done = run_module("data_engine.shard", "--src", "synthetic", "--identities", "10",
-                      "--images-per-identity", "8", "--seed", "0", "--out", root / "shards")
-    assert done.returncode == 0, done.stderr
-    done = run_module("evaluate", "synth-bin", "--out", root / "val" / "synth.bin",
-                      "--identities", "10", "--first-identity", "1000", "--pairs", "20")
-    assert done.returncode == 0, done.stderr
-    return root
-
-
-def _records(run, kind="train"):
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r.get("kind", "train") == kind]
+TINY = tiny_train_args(batch_size=8, gamma=0.9)
 
 
 def _tiny_backbone():
     from model.backbones import get_model
 
-    return get_model("mbf", embedding_size=64, **json.loads(TINY_NET))
+    return get_model("mbf", embedding_size=64, **TINY_NETWORK_ARGS)
 
 
-def test_train_end_to_end_then_export(run_cli, data, tmp_path):
+def test_train_end_to_end_then_export(run_cli, synthetic_shards, verification_sets, tmp_path):
     run = tmp_path / "run"
-    done = run_cli("train", "--shards", data / "shards", "--output", run, *TINY,
-                   "--epochs", "4", "--log-every", "1", "--val", data / "val",
+    done = run_cli("train", "--shards", synthetic_shards, "--output", run, *TINY,
+                   "--epochs", "4", "--log-every", "1", "--val", verification_sets,
                    "--val-every", "20", "--tensorboard", timeout=300)
     assert done.returncode == 0, done.stderr
     assert "effective config:" in done.stdout and "batch_size = 8" in done.stdout
 
-    records = _records(run)
+    records = read_metrics(run)
     assert [r["step"] for r in records] == list(range(1, 41))
     for key in ("epoch", "loss", "lr", "samples_per_s", "images_per_s", "attention_spread",
                 "masked_conflicts", "mem_bytes", "nonfinite_total", "spread_cos_mean",
@@ -72,7 +46,8 @@ def test_train_end_to_end_then_export(run_cli, data, tmp_path):
     first = sum(r["loss"] for r in records[:10]) / 10
     last = sum(r["loss"] for r in records[-10:]) / 10
     assert last < 0.85 * first, (first, last)
-    assert [r["step"] for r in _records(run, "val")] == [10, 20, 30, 40]  # epoch ends + every 20
+    # epoch ends + every 20
+    assert [r["step"] for r in read_metrics(run, "val")] == [10, 20, 30, 40]
 
     backbone = _tiny_backbone()  # insightface key names, loads strictly
     backbone.load_state_dict(torch.load(run / "model.pt", weights_only=True), strict=True)
@@ -87,11 +62,11 @@ def test_train_end_to_end_then_export(run_cli, data, tmp_path):
     assert "matches PyTorch within" in done.stdout and onnx.stat().st_size > 0
 
 
-def test_resume_is_exact(run_cli, data, tmp_path):
+def test_resume_is_exact(run_cli, synthetic_shards, tmp_path):
     """12 steps straight == 5 steps, stop, resume, 7 more (crossing an epoch boundary); the
     resumed part recomputes its activations (--activation-checkpointing), which must not
     change a bit of the weights, momentum or BatchNorm statistics."""
-    common = ["--shards", data / "shards", *TINY, "--epochs", "2", "--log-every", "4"]
+    common = ["--shards", synthetic_shards, *TINY, "--epochs", "2", "--log-every", "4"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     for run, steps in ((straight, "12"), (split, "5")):
         done = run_cli("train", *common, "--output", run, "--max-steps", steps, timeout=300)
@@ -110,22 +85,16 @@ def test_resume_is_exact(run_cli, data, tmp_path):
     momentum_b = [s["momentum_buffer"] for s in b["optimizer"]["state"].values()]
     assert all(torch.equal(x, y) for x, y in zip(momentum_a, momentum_b, strict=True))
     assert a["position"] == b["position"]
-    assert [r["step"] for r in _records(split)] == [4, 5, 8, 12]  # 5: last step of a run
+    assert [r["step"] for r in read_metrics(split)] == [4, 5, 8, 12]  # 5: last step of a run
 
 
-def test_sigint_checkpoints_and_exits_zero(data, tmp_path):
+def test_sigint_checkpoints_and_exits_zero(synthetic_shards, tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "train", "--shards", str(data / "shards"), "--output",
-           str(run), *TINY, "--epochs", "50", "--log-every", "1"]
     # Own process group, signalled as a whole: what Ctrl-C in a terminal does, so the
     # loader's worker processes get the SIGINT too.
-    process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
-                               start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not ((run / "metrics.jsonl").is_file() and _records(run)):
-        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
-        time.sleep(0.2)
+    process = start_module("train", "--shards", synthetic_shards, "--output", run, *TINY,
+                           "--epochs", "50", "--log-every", "1", start_new_session=True)
+    wait_until(lambda: bool(read_metrics(run)), process, timeout=120)
     os.killpg(process.pid, signal.SIGINT)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err
@@ -136,29 +105,29 @@ def test_sigint_checkpoints_and_exits_zero(data, tmp_path):
     assert f"stopped by SIGINT at step {step};" in out
 
 
-def test_nonfinite_losses_stop_with_last_good_checkpoint(run_cli, data, tmp_path):
+def test_nonfinite_losses_stop_with_last_good_checkpoint(run_cli, synthetic_shards, tmp_path):
     run = tmp_path / "run"
-    done = run_cli("train", "--shards", data / "shards", "--output", run, *TINY,
+    done = run_cli("train", "--shards", synthetic_shards, "--output", run, *TINY,
                    "--log-every", "1", "--ckpt-every", "3", "--max-nonfinite", "3",
                    "--inject-nan-at-step", "2", "--inject-nan-at-step", "5-99", timeout=300)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert "3 non-finite losses in a row up to step 7" in lines[-1], done.stderr
     assert "step-000000006.pt" in lines[-1]  # steps 5-6 were skipped: weights still good
-    records = _records(run)
+    records = read_metrics(run)
     assert [r["nonfinite_total"] for r in records] == [0, 1, 1, 1, 2, 3]
     state = torch.load(run / "checkpoints" / "step-000000006.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["backbone"].values())
 
 
-def test_corrupt_image_stops_with_its_shard_or_is_skipped(run_cli, data, tmp_path):
+def test_corrupt_image_stops_with_its_shard_or_is_skipped(run_cli, synthetic_shards, tmp_path):
     """A damaged image: one-line error naming shard and offset; --skip-bad trains on."""
     import shutil
 
     import numpy as np
 
     shards = tmp_path / "shards"
-    shutil.copytree(data / "shards", shards)
+    shutil.copytree(synthetic_shards, shards)
     index = np.load(shards / "index.npz")
     victim = 17
     shard = shards / json.loads((shards / "manifest.json").read_text())["shards"][
@@ -183,13 +152,13 @@ def test_corrupt_image_stops_with_its_shard_or_is_skipped(run_cli, data, tmp_pat
 
 
 @pytest.mark.parametrize("head", ["fc", "partialfc"])
-def test_baseline_heads_train_from_identity_images_only(run_cli, data, tmp_path, head):
+def test_baseline_heads_train_from_identity_images_only(run_cli, synthetic_shards, tmp_path, head):
     """fc and Partial FC read no class images (k=0 loader) and still train and export."""
     run = tmp_path / head
-    done = run_cli("train", "--shards", data / "shards", "--output", run, *TINY,
+    done = run_cli("train", "--shards", synthetic_shards, "--output", run, *TINY,
                    "--head", head, "--max-steps", "3", "--log-every", "1", timeout=300)
     assert done.returncode == 0, done.stderr
-    records = _records(run)
+    records = read_metrics(run)
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(r["images_per_s"] == r["samples_per_s"] for r in records)  # 1 image/sample
     assert json.loads((run / "model.json").read_text())["head"] == head
