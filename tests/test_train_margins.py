@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from model.names import HEADS
-from tests.test_train_cli import TINY, data  # noqa: F401 (the shards fixture)
+from tests.helpers import read_metrics
+from tests.test_train_cli import TINY
 
 pytestmark = pytest.mark.slow
 
@@ -21,20 +22,20 @@ LOGGED = {"adaface": ("feature_norm", "adaface_norm_mean", "adaface_norm_std"),
           "magface": ("feature_norm", "magface_g"), "combined": ()}
 
 
-def _train(run_cli, data, run, *args: str):  # noqa: F811
-    done = run_cli("train", "--shards", data / "shards", "--output", run, *TINY,
+def _train(run_cli, shards, run, *args: str):
+    done = run_cli("train", "--shards", shards, "--output", run, *TINY,
                    "--epochs", "1", "--log-every", "1", *args, timeout=300)
     assert done.returncode == 0, done.stderr
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r.get("kind", "train") == "train"]
+    return read_metrics(run)
 
 
 @pytest.mark.parametrize(("margin", "head"), [(m, h) for m in MARGIN_FLAGS for h in HEADS
                                               if (m, h) != ("adaface", "attfc")])
-def test_each_margin_trains_with_each_head(run_cli, data, tmp_path, margin, head):  # noqa: F811
+def test_each_margin_trains_with_each_head(run_cli, synthetic_shards, tmp_path, margin,
+                                          head):
     """adaface with attfc runs in the resume test below."""
-    records = _train(run_cli, data, tmp_path / "run", "--head", head, "--margin", margin,
-                     *MARGIN_FLAGS[margin], "--max-steps", "2")
+    records = _train(run_cli, synthetic_shards, tmp_path / "run", "--head", head, "--margin",
+                     margin, *MARGIN_FLAGS[margin], "--max-steps", "2")
     assert [r["step"] for r in records] == [1, 2]
     for record in records:
         assert math.isfinite(record["loss"])
@@ -46,13 +47,13 @@ def test_each_margin_trains_with_each_head(run_cli, data, tmp_path, margin, head
     assert f'margin = "{margin}"' in config
 
 
-def test_adaface_statistics_resume_exactly(run_cli, data, tmp_path):  # noqa: F811
+def test_adaface_statistics_resume_exactly(run_cli, synthetic_shards, tmp_path):
     """6 steps straight == 3 steps, stop, resume, 3 more: weights, container and the norm EMA."""
     common = ["--head", "attfc", "--margin", "adaface", "--margin-args", '{"h": 0.5}']
     straight, split = tmp_path / "straight", tmp_path / "split"
-    records = _train(run_cli, data, straight, *common, "--max-steps", "6")
+    records = _train(run_cli, synthetic_shards, straight, *common, "--max-steps", "6")
     assert records[-1]["adaface_norm_mean"] != pytest.approx(20.0)  # the EMA moved
-    _train(run_cli, data, split, *common, "--max-steps", "3")
+    _train(run_cli, synthetic_shards, split, *common, "--max-steps", "3")
     done = run_cli("train", "--output", split, "--resume", "--max-steps", "6", timeout=300)
     assert done.returncode == 0, done.stderr
     a = torch.load(straight / "checkpoints" / "step-000000006.pt", weights_only=True)
@@ -64,12 +65,12 @@ def test_adaface_statistics_resume_exactly(run_cli, data, tmp_path):  # noqa: F8
     assert a["position"] == b["position"]
 
 
-def test_margin_settings_are_checked(run_cli, data, tmp_path):  # noqa: F811
-    done = run_cli("train", "--shards", data / "shards", "--output", tmp_path / "run", *TINY,
+def test_margin_settings_are_checked(run_cli, synthetic_shards, tmp_path):
+    done = run_cli("train", "--shards", synthetic_shards, "--output", tmp_path / "run", *TINY,
                    "--margin", "magface", "--margin-args", '{"u_a": 5}', timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("train: error: --margin magface: ")
-    done = run_cli("train", "--shards", data / "shards", "--output", tmp_path / "run", *TINY,
+    done = run_cli("train", "--shards", synthetic_shards, "--output", tmp_path / "run", *TINY,
                    "--margin-args", "[1]", timeout=120)
     assert done.returncode == 2 and "--margin-args [1]: expected a JSON object" in done.stderr
 
@@ -88,7 +89,7 @@ def test_noise_report_adds_the_feature_norm_after_magface(run_cli, tmp_path):
                    "--images-per-identity", "4", "--seed", "0", "--mislabeled-share", "0.2",
                    "--out", shards, "--workers", "1")
     assert done.returncode == 0, done.stderr
-    _train(run_cli, tmp_path, run, "--head", "attfc", "--margin", "magface",
+    _train(run_cli, shards, run, "--head", "attfc", "--margin", "magface",
            "--max-steps", "2")
     done = run_cli("evaluate", "noise", run, "--thumbnails", "2", timeout=300)
     assert done.returncode == 0, done.stderr
