@@ -18,7 +18,7 @@ from torch import nn
 from data_engine.loading.batch import Batch
 from model.heads import build_head
 from model.margins import build_margin
-from tests.conftest import assert_one_line_error
+from tests.helpers import assert_one_line_error
 from train.step import TrainStep, make_optimizer, micro_batches
 
 B, K_IMAGES, SIDE, DIM, STEPS, LR = 8, 2, 8, 6, 3, 0.05
