@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.run_folder import TRAIN_KIND, read_metrics
+
 REPO = Path(__file__).resolve().parents[1]
 TAIL_LINES = 25  # lines of a failed command's output kept in the summary
 MIN_START_S = 15  # no check starts with less than this left of the budget
@@ -215,17 +217,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 def training_records(run_dir: Path) -> list[dict[str, Any]]:
     """The training rows of RUN/metrics.jsonl so far (a line being written is left out)."""
-    records = []
-    path = run_dir / "metrics.jsonl"
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record.get("kind") != "val" and "samples_per_s" in record:
-                records.append(record)
-    return records
+    return read_metrics(run_dir, TRAIN_KIND, live=True)
 
 
 def tail(output: str) -> str:

@@ -29,13 +29,13 @@ from pathlib import Path
 
 from bench.machine import describe
 from common.cli import ArgumentParser, positive_int, run_cli
+from common.run_folder import TRAIN_KIND, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _step_seconds(run: Path, warmup: int) -> float:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if r.get("kind", "train") == "train" and r["step"] > warmup]
+    train = [r for r in read_metrics(run, TRAIN_KIND) if r["step"] > warmup]
     if not train:
         raise SystemExit(f"{run}: no logged step after --warmup {warmup}")
     return statistics.median(r["global_batch"] / r["samples_per_s"] for r in train)

@@ -47,6 +47,7 @@ from bench.resume_compare import (
     throughput,
 )
 from common.cli import ArgumentParser, run_cli
+from common.run_folder import MODEL, VAL_KIND, read_metrics
 
 BUDGET_S = {"cuda": 540.0, "cpu": 1200.0}
 ALL_HEADS = ("fc", "partialfc", "attfc", "official")
@@ -128,7 +129,7 @@ def _backend(ctx: Context) -> str:
 
 def weights_verdict(a: str, b: str) -> Verdict:
     def verdict(ctx: Context, outputs: list[str]) -> dict[str, Any]:
-        result = compare_weights(ctx.work / a / "model.pt", ctx.work / b / "model.pt")
+        result = compare_weights(ctx.work / a / MODEL, ctx.work / b / MODEL)
         final = training_records(ctx.work / b)
         completed = bool(final) and final[-1]["step"] == ctx.sizes.short_steps
         return {"ok": result["weights_match"] and completed, "completed": completed, **result}
@@ -143,10 +144,8 @@ def losses_verdict(ctx: Context, outputs: list[str]) -> dict[str, Any]:
 def finished_verdict(run: str) -> Verdict:
     """The run reached its last step with every logged loss finite; validation rows too."""
     def verdict(ctx: Context, outputs: list[str]) -> dict[str, Any]:
-        records = [json.loads(line) for line in
-                   (ctx.work / run / "metrics.jsonl").read_text().splitlines()]
         train = training_records(ctx.work / run)
-        val = [r for r in records if r.get("kind") == "val"]
+        val = read_metrics(ctx.work / run, VAL_KIND)
         finite = all(abs(r["loss"]) < float("inf") for r in train)
         final_step = train[-1]["step"] if train else None
         return {"ok": finite and final_step == ctx.sizes.short_steps, "final_step": final_step,
@@ -273,7 +272,7 @@ CHECKS: tuple[Check, ...] = (
               ctx.module("evaluate", "synth-ijb", "--out", ctx.work / "ijb",
                          "--identities", ctx.pick(40, 6)),
               ctx.module("evaluate", "ijbc", "--root", ctx.work / "ijb", "--model",
-                         ctx.work / "short_torch" / "model.pt", "--device", ctx.device,
+                         ctx.work / "short_torch" / MODEL, "--device", ctx.device,
                          "--out", ctx.work / "ijb.json", "-v")],
           evaluate_verdict),
     Check("fp16_clip", "--precision fp16 (fp32 on the CPU) --clip-grad-norm 5: finite losses",

@@ -41,6 +41,15 @@ from typing import Any
 from bench.machine import cpu_model
 from common.cli import ArgumentParser, run_cli, setup_logging
 from common.files import write_atomic
+from common.run_folder import (
+    CHECKPOINTS_DIR,
+    EVAL_DIR,
+    MODEL,
+    TRAIN_KIND,
+    read_config,
+    read_metrics,
+)
+from train.checkpoint import list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MBF = '{"blocks": [1, 1, 1, 1], "scale": 1}'
@@ -177,7 +186,7 @@ def run_one(run: Run, out: Path, data: dict[str, Path], size: Size, device: str
                            "another --out")
     log = run_dir / "train.log"
     started = time.perf_counter()
-    if any((run_dir / "checkpoints").glob("*.pt")):
+    if list_checkpoints(run_dir / CHECKPOINTS_DIR):
         print(f"replicate: {run.name}: resuming", flush=True)
         _python("-m", "train", "--output", str(run_dir), "--resume", log=log)
     else:
@@ -199,22 +208,18 @@ def _train_numbers(run_dir: Path) -> dict[str, Any]:
     peak memory, and the head's class-centre count (W-size) and stored size."""
     import torch
 
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-               if line.strip()]
-    train = [r for r in records if "samples_per_s" in r]
+    train = read_metrics(run_dir, TRAIN_KIND)
     speeds = [r["samples_per_s"] for r in train[1:]] or [r["samples_per_s"] for r in train]
-    checkpoint = sorted((run_dir / "checkpoints").glob("*.pt"))[-1]
+    checkpoint = list_checkpoints(run_dir / CHECKPOINTS_DIR)[0]
     head = torch.load(checkpoint, map_location="cpu", weights_only=True)["head"]
-    config = (run_dir / "config.toml").read_text()
+    config = read_config(run_dir)
     centres = {name: value for name, value in head.items()
                if not name.startswith("class_encoder.") and value.dim() == 2}
     rows = sum(int(value.shape[0]) for value in centres.values())
     stored = sum(value.numel() for value in centres.values())
     w_size = rows
-    if 'head = "partialfc"' in config:  # the sampled rows per step, as the paper counts it
-        rate = float(next(line.split("=")[1] for line in config.splitlines()
-                          if line.startswith("sample_rate")))
-        w_size = max(1, int(rate * rows))
+    if config["head"] == "partialfc":  # the sampled rows per step, as the paper counts it
+        w_size = max(1, int(config["sample_rate"] * rows))
     return {"samples_per_s": median(speeds), "peak_mem_bytes": max(r["mem_bytes"] for r in train),
             "final_loss": train[-1]["loss"], "steps": train[-1]["step"], "w_size": w_size,
             "head_floats": stored}
@@ -224,8 +229,8 @@ def _evaluate(run_dir: Path, data: dict[str, Path], device: str) -> dict[str, An
     """Held-out verification accuracy and IJB-C TAR@FAR with ``python -m evaluate``'s code."""
     from evaluate.__main__ import main as evaluate
 
-    model = run_dir / "model.pt"
-    verification, ijbc = run_dir / "eval" / "verification.json", run_dir / "eval" / "ijbc.json"
+    model = run_dir / MODEL
+    verification, ijbc = run_dir / EVAL_DIR / "verification.json", run_dir / EVAL_DIR / "ijbc.json"
     common = ("--model", str(model), "--device", device, "--no-flip")
     evaluate(["lfw", "--bin", str(data["bin"]), *common, "--out", str(verification)])
     evaluate(["ijbc", "--root", str(data["ijbc"]), *common, "--no-cache", "--workers", "2",

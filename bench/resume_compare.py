@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.check_harness import CheckError, training_records
+from common.run_folder import METRICS, MODEL
 
 # Weights of two runs that are not bit-identical: per tensor, relative to its largest entry
 # (bf16 keeps 8 significant bits: 2^-8 ~ 0.4 %).
@@ -61,7 +62,7 @@ def throughput(run_dir: Path) -> dict[str, Any]:
     """Median samples/s and images/s after the first two records, and peak memory."""
     records = training_records(run_dir)
     if not records:
-        raise CheckError(f"{run_dir / 'metrics.jsonl'}: no training records")
+        raise CheckError(f"{run_dir / METRICS}: no training records")
     steady = records[2:] or records
     return {"samples_per_s": round(statistics.median(r["samples_per_s"] for r in steady), 1),
             "images_per_s": round(statistics.median(r["images_per_s"] for r in steady), 1),
@@ -85,7 +86,7 @@ def resume_verdict(straight: Path, resumed: Path, stopped_output: str,
               "stopped_at_step": step, "stopped_in_epoch": (step - 1) // per_epoch + 1,
               "stopped_mid_epoch": step % per_epoch != 0,
               "resumed_final_step": final[-1]["step"] if final else None,
-              **compare_weights(straight / "model.pt", resumed / "model.pt")}
+              **compare_weights(straight / MODEL, resumed / MODEL)}
     result["resumed_completed"] = result["resumed_final_step"] == 3 * per_epoch
     result["ok"] = (result["stopped_in_epoch"] == 2 and result["stopped_mid_epoch"]
                     and result["resumed_completed"] and result["weights_match"])

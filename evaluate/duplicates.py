@@ -36,6 +36,7 @@ import numpy as np
 
 from common.errors import UserError
 from common.files import write_atomic
+from common.run_folder import DUPLICATES_DIR, MODEL
 from data_engine.loading.reader import ShardReader
 from evaluate import knn
 from evaluate.eval_sets import EvalSet, find_eval_sets
@@ -45,7 +46,6 @@ from synthetic.faces import identity_name
 
 log = logging.getLogger("evaluate.duplicates")
 
-DUPLICATES_DIR = "duplicates"
 DEFAULT_Z = 3.5
 MAD_TO_SIGMA = 1.4826  # MAD x this = standard deviation for a normal distribution
 
@@ -182,7 +182,7 @@ def write_duplicates(run_dir: Path, *, shards_dir: Path | None = None,
     run_dir = Path(run_dir)
     if shards_dir is None:
         shards_dir = Path(run_config(run_dir).get("shards", ""))
-    model = Path(model) if model else run_dir / "model.pt"
+    model = Path(model) if model else run_dir / MODEL
     if not model.is_file():
         raise UserError(f"{model}: no model (train writes RUN/model.pt at the end; or pass "
                         "--model)")

@@ -27,24 +27,11 @@ from common.device import apply_tf32_policy, resolve_device
 from common.errors import UserError, first_line
 from common.files import write_atomic
 from common.progress import Progress
+from common.run_folder import read_model_info
 
 log = logging.getLogger("evaluate.features")
 
 DEFAULT_NETWORK = "r50"
-
-
-def _model_info(model_path: Path) -> dict:
-    """``model.json`` written by train next to ``model.pt`` (network, embedding_size)."""
-    info_path = model_path.parent / "model.json"
-    if not info_path.is_file():
-        return {}
-    try:
-        info = json.loads(info_path.read_text())
-    except json.JSONDecodeError as error:
-        raise UserError(f"{info_path}: invalid JSON ({error})") from None
-    if not isinstance(info, dict):
-        raise UserError(f"{info_path}: expected a JSON object")
-    return info
 
 
 def read_state_dict(path: Path | str) -> dict:
@@ -102,7 +89,7 @@ def load_backbone(model_path: Path | str, network: str | None = None,
 
     model_path = Path(model_path)
     state = read_state_dict(model_path)
-    info = _model_info(model_path)
+    info = read_model_info(model_path)
     name = network or info.get("network") or DEFAULT_NETWORK
     # Extra constructor arguments (e.g. a slim mbf) belong to the network model.json names.
     network_args = info.get("network_args", {}) if name == info.get("network") else {}

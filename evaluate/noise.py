@@ -29,7 +29,6 @@ import io
 import json
 import logging
 import tarfile
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,12 +38,10 @@ import numpy as np
 from common.errors import UserError
 from common.files import write_atomic
 from common.progress import Progress
+from common.run_folder import IMAGE_STATS, MODEL, NOISE_DIR, read_config
 from data_engine.loading.reader import ShardReader
 
 log = logging.getLogger("evaluate.noise")
-
-IMAGE_STATS = "image_stats.npz"  # written by train, per image id: count, alpha_sum, cos_sum
-NOISE_DIR = "noise"
 
 
 @dataclass
@@ -182,9 +179,7 @@ def _norm_margin(run_dir: Path) -> str | None:
     """The run's margin when it ties the feature norm to quality (MagFace, AdaFace)."""
     from model.margins import build_margin
 
-    if not (run_dir / "config.toml").is_file():
-        return None
-    margin = run_config(run_dir).get("margin", "arcface")
+    margin = read_config(run_dir, missing_ok=True).get("margin", "arcface")
     return margin if build_margin(margin).uses_norms else None
 
 
@@ -202,7 +197,7 @@ def analyse(run_dir: Path, shards_dir: Path | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {"reader": reader, "table": table, "stats": stats,
                               "score": score, "score_is": meaning, "order": order,
                               "norm": None, "norm_is": None}
-    margin, model_path = _norm_margin(run_dir), run_dir / "model.pt"
+    margin, model_path = _norm_margin(run_dir), run_dir / MODEL
     if margin is not None and not model_path.is_file():
         log.warning("%s: not found, so no feature-norm column for this %s run", model_path,
                     margin)
@@ -227,14 +222,11 @@ def analyse(run_dir: Path, shards_dir: Path | None = None) -> dict[str, Any]:
 
 
 def run_config(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "config.toml"
+    """The run's settings, for the shards it trained on (or a hint to name them)."""
     try:
-        return tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{run_dir}: no config.toml (not a training run; pass --shards)") \
-            from None
-    except (OSError, tomllib.TOMLDecodeError) as error:
-        raise UserError(f"{path}: unreadable ({error})") from None
+        return read_config(run_dir)
+    except UserError as error:
+        raise UserError(f"{error}; pass --shards") from None
 
 
 def write_noise(run_dir: Path, shards_dir: Path | None = None, thumbnails: int = 24,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,16 @@ import matplotlib.pyplot as plt
 
 from common.errors import UserError
 from common.files import write_atomic
+from common.run_folder import (
+    EVAL_DIR,
+    RECORD_KEYS,
+    REPORT,
+    REPORT_DIR,
+    VAL_KIND,
+    read_config,
+    read_metrics,
+    record_kind,
+)
 from data_engine.layout import read_manifest
 from evaluate.ijb_meta import IJB_SETS, ijb_title
 from evaluate.roc import plot_roc as plot_roc_curves
@@ -44,22 +53,12 @@ class RunRecord:
 
 def load_run(run_dir: Path) -> RunRecord:
     """Parse the run's files; a missing metrics file is the one thing we cannot do without."""
-    metrics_path = run_dir / "metrics.jsonl"
-    if not metrics_path.is_file():
-        raise UserError(f"{metrics_path}: not found (is {run_dir} a training run directory?)")
     train_rows, val_rows = [], []
-    for number, line in enumerate(metrics_path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{metrics_path}:{number}: not a JSON object") from None
-        (val_rows if row.get("kind") == "val" else train_rows).append(row)
-    config_path = run_dir / "config.toml"
-    config = tomllib.loads(config_path.read_text()) if config_path.is_file() else {}
+    for row in read_metrics(run_dir):
+        (val_rows if record_kind(row) == VAL_KIND else train_rows).append(row)
+    config = read_config(run_dir, missing_ok=True)
     evaluations = {}
-    for path in sorted((run_dir / "eval").glob("*.json")):
+    for path in sorted((run_dir / EVAL_DIR).glob("*.json")):
         evaluations[path.stem] = json.loads(path.read_text())
     return RunRecord(run_dir, train_rows, val_rows, config, evaluations)
 
@@ -125,7 +124,7 @@ def plot_training(record: RunRecord, out_dir: Path) -> list[Path]:
 def plot_validation(record: RunRecord, out_dir: Path) -> Path | None:
     """Verification accuracy of each validation set over training steps."""
     names = sorted({key for row in record.val_rows for key in row
-                    if key not in ("step", "epoch", "kind") and key != "mean"})
+                    if key not in RECORD_KEYS and key != "mean"})
     if not names:
         return None
     fig, axis = plt.subplots(figsize=(7, 4))
@@ -209,7 +208,7 @@ def _other_sets_table(record: RunRecord) -> str:
                          f"{_percent(std)} %")
     last_val = record.val_rows[-1] if record.val_rows else {}
     for name, value in sorted(last_val.items()):
-        if name not in ("step", "epoch", "kind", "mean") and isinstance(value, int | float):
+        if name not in (*RECORD_KEYS, "mean") and isinstance(value, int | float):
             lines.append(f"- **{name}** (validation .bin at step {last_val['step']}) accuracy "
                          f"{_percent(value)} %")
     return "\n".join(lines) or "- no evaluation results in eval/ and no validation rows"
@@ -218,7 +217,7 @@ def _other_sets_table(record: RunRecord) -> str:
 def write_report(run_dir: Path) -> Path:
     """Write RUN/report.md and its plots under RUN/report/; returns the report path."""
     record = load_run(run_dir)
-    out_dir = run_dir / "report"
+    out_dir = run_dir / REPORT_DIR
     out_dir.mkdir(exist_ok=True)
     plots = plot_training(record, out_dir)
     plots += [p for p in (plot_validation(record, out_dir), plot_roc(record, out_dir)) if p]
@@ -239,9 +238,9 @@ def write_report(run_dir: Path) -> Path:
         "",
         "## Plots",
         "",
-        *[f"![{path.stem}](report/{path.name})" for path in plots],
+        *[f"![{path.stem}]({REPORT_DIR}/{path.name})" for path in plots],
         "",
     ]
-    report = run_dir / "report.md"
+    report = run_dir / REPORT
     write_atomic(report, "\n".join(lines).encode())
     return report

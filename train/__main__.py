@@ -20,6 +20,7 @@ from pathlib import Path
 
 from common.cli import ArgumentParser, run_cli, setup_logging
 from common.files import WriteError, write_atomic
+from common.run_folder import CHECKPOINTS_DIR, CONFIG
 from train.config import add_options, resolve, to_toml
 
 log = logging.getLogger("train")
@@ -49,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         trainer = Trainer(config, resume=args.resume, inject_nan=args.inject_nan_at_step)
         if main_rank:
-            write_atomic(run_dir / "config.toml", text.encode())
+            write_atomic(run_dir / CONFIG, text.encode())
         return trainer.fit()
     except WriteError as error:
         raise WriteError(f"{error}; {resume_hint(run_dir)}", error.path) from None
@@ -59,7 +60,7 @@ def resume_hint(run_dir: Path) -> str:
     """What to do after a write failed mid-run: which checkpoint survives, how to go on."""
     from train.checkpoint import list_checkpoints
 
-    found = list_checkpoints(run_dir / "checkpoints")
+    found = list_checkpoints(run_dir / CHECKPOINTS_DIR)
     if not found:
         return "no checkpoint written yet: free space, then start the run again"
     return (f"last good checkpoint {found[0]}; free space, then resume with: "

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,14 +29,13 @@ from torch import nn
 
 from common.errors import UserError
 from common.files import write_atomic
+from common.run_folder import checkpoint_name, is_checkpoint_name
 from model.heads import Ranks
 from model.heads.collective import class_range
 from train.distributed import World
 from train.image_stats import ImageStats
 
 log = logging.getLogger(__name__)
-
-_NAME = re.compile(r"^step-(\d{9})\.pt$")
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -48,7 +46,7 @@ def atomic_save(obj: Any, path: Path) -> None:
 def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int) -> Path:
     """Write ``step-NNNNNNNNN.pt`` atomically and delete all but the ``keep`` newest."""
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"step-{step:09d}.pt"
+    path = directory / checkpoint_name(step)
     atomic_save(state, path)
     for old in list_checkpoints(directory)[keep:]:
         old.unlink(missing_ok=True)
@@ -59,7 +57,7 @@ def list_checkpoints(directory: Path) -> list[Path]:
     """Checkpoint files, newest (highest step) first; temp files are never listed."""
     if not directory.is_dir():
         return []
-    found = [p for p in directory.iterdir() if _NAME.match(p.name)]
+    found = [p for p in directory.iterdir() if is_checkpoint_name(p.name)]
     return sorted(found, key=lambda p: p.name, reverse=True)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from common.cli import ArgumentParser
 from common.errors import UserError
+from common.run_folder import CONFIG, read_config
 from data_engine.loading.loader import BACKENDS, MAX_DEFAULT_WORKERS
 from model.names import HEADS, MARGINS, NETWORKS, STRATEGIES, UPDATE_ORDERS
 
@@ -190,6 +191,11 @@ def load_toml(path: Path) -> dict[str, Any]:
         raise UserError(f"--config {path}: no such file") from None
     except tomllib.TOMLDecodeError as error:
         raise UserError(f"--config {path}: not valid TOML: {error}") from None
+    return _checked(raw, path)
+
+
+def _checked(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Settings by key from a parsed TOML table; unknown keys and wrong types name ``path``."""
     values: dict[str, Any] = {}
     for raw_key, value in raw.items():
         key = raw_key.replace("-", "_")
@@ -217,10 +223,10 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     config = dict(DEFAULTS)
     saved_values: dict[str, Any] = {}
     if args.resume:
-        saved = Path(flags.get("output", DEFAULTS["output"])) / "config.toml"
-        if saved.is_file():
-            saved_values = load_toml(saved)
-            config.update(saved_values)
+        run_dir = Path(flags.get("output", DEFAULTS["output"]))
+        saved = run_dir / CONFIG
+        saved_values = _checked(read_config(run_dir, missing_ok=True), saved)
+        config.update(saved_values)
     if args.config is not None:
         config.update(load_toml(args.config))
     config.update(flags)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from common.files import write_atomic
-from evaluate.noise import IMAGE_STATS
+from common.run_folder import IMAGE_STATS
 
 
 class ImageStats:

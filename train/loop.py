@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from common.errors import UserError
 from common.files import write_atomic
 from common.progress import Progress
+from common.run_folder import BEST, CHECKPOINTS_DIR, MODEL, MODEL_INFO, VAL_KIND
 from data_engine import build_loader
 from data_engine.loading.integrity import check_shards
 from data_engine.loading.loader import Loader
@@ -107,7 +108,7 @@ class Trainer:
         self.global_batch = config["batch_size"] * self.world.world_size
         self.precision = resolve_precision(config["precision"], self.device)
         self.run_dir = Path(config["output"])
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.ckpt_dir = self.run_dir / CHECKPOINTS_DIR
         checkpoint = self._find_checkpoint(resume)
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -297,7 +298,7 @@ class Trainer:
                   "--resume", flush=True)
         else:
             log.info("finished at step %d; model: %s", self.pos.step,
-                     self.run_dir / "model.pt")
+                     self.run_dir / MODEL)
         return 0
 
     def _train_epoch(self, stop: StopRequest) -> bool:
@@ -427,13 +428,13 @@ class Trainer:
 
     def _validate_here(self) -> None:
         results = self.validator(self.backbone)
-        self.metrics.write({"step": self.pos.step, "epoch": self.pos.epoch, "kind": "val",
+        self.metrics.write({"step": self.pos.step, "epoch": self.pos.epoch, "kind": VAL_KIND,
                             **results}, prefix="val")
         if results["mean"] > self.pos.best_val:
             self.pos.best_val = results["mean"]
-            atomic_save(self._backbone_weights(), self.run_dir / "best.pt")
+            atomic_save(self._backbone_weights(), self.run_dir / BEST)
             log.info("new best mean validation accuracy %.4f: %s", results["mean"],
-                     self.run_dir / "best.pt")
+                     self.run_dir / BEST)
 
     def _save(self) -> None:
         """A checkpoint of this step (all ranks take part; rank 0 writes)."""
@@ -458,9 +459,9 @@ class Trainer:
         """RUN/model.pt (feature encoder, insightface key names) and RUN/model.json."""
         if not self.world.is_main:
             return
-        atomic_save(self._backbone_weights(), self.run_dir / "model.pt")
+        atomic_save(self._backbone_weights(), self.run_dir / MODEL)
         info = {"network": self.config["network"],
                 "embedding_size": self.config["embedding_size"],
                 "network_args": network_args(self.config),
                 "head": self.config["head"], "step": self.pos.step, "epoch": self.pos.epoch}
-        write_atomic(self.run_dir / "model.json", (json.dumps(info, indent=1) + "\n").encode())
+        write_atomic(self.run_dir / MODEL_INFO, (json.dumps(info, indent=1) + "\n").encode())

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import math
 import os
 import resource
 import threading
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 
 from common.files import environment_error, write_atomic, write_error
+from common.run_folder import METRICS, RECORD_KEYS, TENSORBOARD_DIR, read_metrics
 
 
 def peak_memory_bytes(device: str) -> int:
@@ -38,7 +38,7 @@ class MetricsLog:
     """
 
     def __init__(self, run_dir: Path, *, tensorboard: bool, resume_step: int = 0) -> None:
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / METRICS
         # On resume, records after the checkpoint belong to steps that are about to be redone.
         self._drop_after(resume_step)
         try:
@@ -46,7 +46,7 @@ class MetricsLog:
         except OSError as error:
             raise _as_write_error(self.path, error) from None
         self._writer = None
-        self._tensorboard_dir = run_dir / "tensorboard"
+        self._tensorboard_dir = run_dir / TENSORBOARD_DIR
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -60,9 +60,10 @@ class MetricsLog:
     def _drop_after(self, step: int) -> None:
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and _step_of(line) <= step]
-        write_atomic(self.path, "".join(line + "\n" for line in kept).encode())
+        # live: a line torn by a crash is dropped with the records after the checkpoint
+        kept = [record for record in read_metrics(self.path.parent, live=True)
+                if record.get("step", step + 1) <= step]
+        write_atomic(self.path, "".join(json.dumps(record) + "\n" for record in kept).encode())
 
     def write(self, record: dict[str, Any], prefix: str = "train") -> None:
         """One JSON line (one write, flushed: ``tail -f`` and crashes see it) and TB scalars."""
@@ -70,7 +71,7 @@ class MetricsLog:
         if self._writer is not None:
             try:
                 for key, value in record.items():
-                    if key not in ("step", "epoch", "kind") and isinstance(value, int | float):
+                    if key not in RECORD_KEYS and isinstance(value, int | float):
                         self._writer.add_scalar(f"{prefix}/{key}", value, record["step"])
                 self._writer.flush()
             except Exception as error:
@@ -128,13 +129,6 @@ def _quiet_tensorboard_thread(previous: Callable[[Any], object]) -> Callable[[An
 
     hook.quiet_tensorboard = True  # type: ignore[attr-defined]
     return hook
-
-
-def _step_of(line: str) -> float:
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf  # a torn last line from a crash: drop it
 
 
 def postfix(record: dict[str, Any], epochs: int) -> str:

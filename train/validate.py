@@ -13,6 +13,7 @@ import numpy as np
 from torch import nn
 
 from common.errors import UserError
+from common.run_folder import VAL_DIR
 from data_engine.layout import read_manifest
 from evaluate.features import extract_features
 from evaluate.synthetic_ijb import write_synthetic_bin
@@ -33,7 +34,7 @@ def synthetic_heldout(shards_dir: Path, run_dir: Path, *, identities: int = 300,
     if manifest.get("source") != "synthetic":
         return None
     info = manifest.get("source_info", {})
-    val_dir = run_dir / "val"
+    val_dir = run_dir / VAL_DIR
     path = val_dir / "synthetic_heldout.bin"
     if not path.is_file():
         val_dir.mkdir(parents=True, exist_ok=True)
