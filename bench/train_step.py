@@ -10,6 +10,9 @@ GPU (the project target, >= 4000 samples/s for attfc at N = 1M on an H100):
     python -m bench.train_step --network r50 --batch-size 384 --num-classes 93000 1000000
 CPU smoke version:
     python -m bench.train_step --network mbf --batch-size 32 --steps 5 --device cpu
+The paper order's pre-pass under accumulation, against the official order's step:
+    python -m bench.train_step --network r18 --batch-size 32 --num-classes 1000 \
+        --heads attfc --accumulate 2 --update-order paper|official --device cpu
 
 "official" is the official AttFC code's formulation of the head (bench/official_attfc.py), so
 ``attfc_vs_official`` compares ours with the paper's own implementation in the same run.
@@ -31,6 +34,7 @@ import torch
 from bench.machine import cpu_model
 from common.cli import ArgumentParser, positive_int, run_cli, setup_logging
 from common.device import resolve_device
+from model.names import UPDATE_ORDERS
 
 
 def _sync(device: str) -> None:
@@ -67,11 +71,12 @@ def measure(args: SimpleNamespace, head_name: str, num_classes: int) -> dict:
                           embedding_size=args.embedding_size, batch_size=args.batch_size,
                           margin=build_margin("arcface"),
                           feature_encoder=backbone if head_name == "attfc" else None,
-                          k=args.k).to(device)
+                          k=args.k, update_order=args.update_order).to(device)
     params = [p for m in (backbone, head) for p in m.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, lr=0.1, momentum=0.9, weight_decay=5e-4)
     step = TrainStep(backbone, head, optimizer, device=device, precision=precision,
-                     channels_last=cuda, compile_backbone=args.compile)
+                     channels_last=cuda, compile_backbone=args.compile,
+                     accumulate=args.accumulate)
     if args.compile_class_encoder != "none" and hasattr(head, "class_encoder"):
         # In place (nn.Module.compile): the state dict keys stay; forward-only with static
         # shapes, so "reduce-overhead" can replay it as a CUDA graph.
@@ -95,7 +100,8 @@ def measure(args: SimpleNamespace, head_name: str, num_classes: int) -> dict:
     parts = (_profile(step, batches[0], args.steps, device, elapsed / args.steps)
              if args.profile and head_name == "attfc" else None)
     return {"head": head_name, "n": num_classes, "network": args.network, "batch_size": B,
-            "k": k, "precision": precision, "compile": args.compile,
+            "k": k, "accumulate": args.accumulate, "update_order": args.update_order,
+            "precision": precision, "compile": args.compile,
             "compile_class_encoder": args.compile_class_encoder,
             "host_syncs_per_step": syncs, "profile": parts,
             "samples_per_s": B * args.steps / elapsed, "step_s": elapsed / args.steps,
@@ -176,6 +182,10 @@ def build_parser() -> ArgumentParser:
                         help="extra get_model keyword arguments as JSON (as python -m train)")
     parser.add_argument("--batch-size", type=positive_int, default=384)
     parser.add_argument("--k", type=positive_int, default=2, help="attfc class images")
+    parser.add_argument("--accumulate", type=positive_int, default=1,
+                        help="micro-batches per step (as python -m train)")
+    parser.add_argument("--update-order", default="paper", choices=UPDATE_ORDERS,
+                        help="attfc: container update order (as python -m train)")
     parser.add_argument("--embedding-size", type=positive_int, default=512)
     parser.add_argument("--heads", nargs="+", default=["fc", "attfc", "official"],
                         choices=["fc", "partialfc", "attfc", "official"],

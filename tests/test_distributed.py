@@ -64,12 +64,12 @@ def warm(synthetic_shards, tmp_path_factory):
 
 
 def _train(shards: Path, warm: Path, run: Path, *args: str,
-           ranks: int = 1) -> subprocess.CompletedProcess:
+           ranks: int = 1, sync_bn: bool = True) -> subprocess.CompletedProcess:
     batch = str(8 // ranks)
     cmd = (TORCHRUN if ranks == 2 else [sys.executable, "-m", "train"]) + [
         "--shards", str(shards), "--output", str(run), *TINY, "--init", str(warm),
         "--batch-size", batch, *args]
-    if ranks == 2:
+    if ranks == 2 and sync_bn:
         cmd.append("--sync-bn")
     done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -84,11 +84,16 @@ def _checkpoint(run: Path, step: int) -> dict:
     return torch.load(run / "checkpoints" / f"step-{step:09d}.pt", weights_only=True)
 
 
-def assert_same_training(one: Path, other: Path, step: int, from_step: int = 0) -> None:
+BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def assert_same_training(one: Path, other: Path, step: int, from_step: int = 0, *,
+                         bn_statistics: bool = True) -> None:
     """Losses of every logged step after ``from_step`` within TOL (relative), and the whole
     model at ``step`` (backbone, head: fc matrix or attfc container and class encoder)
     within TOL in relative norm, the momentum buffers within MOMENTUM_TOL; integer state
-    (container labels and pointer) equal."""
+    (container labels and pointer) equal. ``bn_statistics=False`` leaves out BatchNorm's
+    running statistics (and attfc's class encoder's, their copy)."""
     a, b = _losses(one), _losses(other)
     steps = [s for s in a if s > from_step]
     assert steps == [s for s in b if s > from_step] and steps[-1] == step
@@ -100,6 +105,8 @@ def assert_same_training(one: Path, other: Path, step: int, from_step: int = 0) 
     for part in ("backbone", "head"):
         assert ca[part].keys() == cb[part].keys()
         for key, value in ca[part].items():
+            if not bn_statistics and key.endswith(BN_STATISTICS):
+                continue
             assert value.shape == cb[part][key].shape, key
             if value.is_floating_point():
                 floats_a.append(value.double().flatten())
@@ -163,6 +170,23 @@ def test_attfc_two_ranks_exact_sigterm_and_resume_on_one(synthetic_shards, warm,
     assert_ok(run_module("train", "--output", split, "--resume", "--batch-size", "8",
                          env=ONE_THREAD, timeout=300))
     assert_same_training(two, split, 4, from_step=stopped)
+
+
+@pytest.mark.parametrize("head", ["attfc", "partialfc"])
+def test_two_ranks_accumulating_train_what_one_process_trains(synthetic_shards, warm, tmp_path,
+                                                              head):
+    """--accumulate: 2 ranks x --batch-size 8 in 2 micro-batches each == one process with
+    --batch-size 16 in 4: the same micro-batches of 4 rows, so without --sync-bn BatchNorm
+    normalises the same groups; attfc (paper order) pushes the global batch once per step,
+    Partial FC samples once from the global batch's labels. Each rank's BN running
+    statistics follow its own micro-batches only, so they are left out of the comparison."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ["--head", head, "--max-steps", "3"]
+    _train(synthetic_shards, warm, one, *args, "--batch-size", "16", "--accumulate", "4")
+    done = _train(synthetic_shards, warm, two, *args, "--batch-size", "8", "--accumulate", "2",
+                  "--check-replicas", ranks=2, sync_bn=False)
+    assert "each step: 2 micro-batches of 4" in done.stderr
+    assert_same_training(one, two, 3, bn_statistics=False)
 
 
 def _free_port() -> int:

@@ -88,6 +88,31 @@ def test_resume_is_exact(run_cli, synthetic_shards, tmp_path):
     assert [r["step"] for r in read_metrics(split)] == [4, 5, 8, 12]  # 5: last step of a run
 
 
+def test_accumulated_resume_is_exact(run_cli, synthetic_shards, tmp_path):
+    """--accumulate 4 (attfc, paper order: the no-grad pre-pass path): 6 steps straight ==
+    3 steps, stop, resume (the setting read back from RUN/config.toml), 3 more, bit for bit;
+    steps, checkpoints and global_batch count optimizer steps of the whole batch."""
+    common = ["--shards", synthetic_shards, *TINY, "--log-every", "1", "--accumulate", "4"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    for run, steps in ((straight, "6"), (split, "3")):
+        done = run_cli("train", *common, "--output", run, "--max-steps", steps, timeout=300)
+        assert done.returncode == 0, done.stderr
+    assert "each step: 4 micro-batches of 2" in done.stderr
+    done = run_cli("train", "--output", split, "--resume", "--max-steps", "6", timeout=300)
+    assert done.returncode == 0, done.stderr
+
+    a = torch.load(straight / "checkpoints" / "step-000000006.pt", weights_only=True)
+    b = torch.load(split / "checkpoints" / "step-000000006.pt", weights_only=True)
+    for part in ("backbone", "head"):
+        for key, value in a[part].items():
+            assert torch.equal(value, b[part][key]), f"{part}.{key}"
+    assert a["position"] == b["position"] and a["position"]["step_in_epoch"] == 6
+    records = read_metrics(split)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert {r["global_batch"] for r in records} == {8}
+    assert [r["loss"] for r in records] == [r["loss"] for r in read_metrics(straight)]
+
+
 def test_sigint_checkpoints_and_exits_zero(synthetic_shards, tmp_path):
     run = tmp_path / "run"
     # Own process group, signalled as a whole: what Ctrl-C in a terminal does, so the

@@ -8,7 +8,6 @@ log steps, so the GPU never idles while Python waits.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -234,13 +233,13 @@ class TrainStep:
 
 
 def micro_batches(batch: Any, count: int) -> list[Any]:
-    """``batch`` (a dataclass of per-sample tensors) as ``count`` equal consecutive parts."""
+    """``batch`` (an object whose attributes are all per-sample tensors, such as a
+    :class:`~data_engine.loading.batch.Batch`) as ``count`` equal consecutive parts."""
     size = batch.labels.shape[0]
     if size % count:
         raise ValueError(f"a batch of {size} does not split into {count} equal micro-batches")
     step = size // count
-    return [dataclasses.replace(batch, **{f.name: getattr(batch, f.name)[i:i + step]
-                                          for f in dataclasses.fields(batch)})
+    return [type(batch)(**{name: value[i:i + step] for name, value in vars(batch).items()})
             for i in range(0, size, step)]
 
 

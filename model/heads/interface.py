@@ -101,8 +101,9 @@ class Head(Protocol):
 
 
 class NoFeatureStaging:
-    """The accumulation hooks of a head that needs no features ahead of the losses: as they
-    stand, those of fc, whose step loss is the mean of the micro-batches' mean losses."""
+    """The accumulation hooks of a head that needs no features before the losses: fc's as
+    they stand (its step loss is the mean of the micro-batches' mean losses); partialfc
+    adds one sample per step."""
 
     stages_features = False
 
