@@ -22,6 +22,7 @@ before stays valid, the message is one line naming the file, and the exit code.
 | disk full in TensorBoard                    | test_disk_full_in_tensorboard                     |
 | disk full in evaluate's cache / JSON/report | test_disk_full_in_evaluate_writers                |
 | kill -9 while evaluate commits its cache    | test_kill9_while_evaluate_commits_its_cache       |
+| one non-finite step (skipped, no trace)     | test_train_cli.py: test_a_poisoned_step_is_...    |
 | non-finite loss past --max-nonfinite        | test_train_cli.py: test_nonfinite_losses_stop_... |
 | damaged image met in training               | test_train_cli.py: test_corrupt_image_stops_...   |
 | /dev/shm too small for the loader           | test_dev_shm_too_small_for_the_loader             |

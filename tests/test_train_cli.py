@@ -145,6 +145,28 @@ def test_nonfinite_losses_stop_with_last_good_checkpoint(run_cli, synthetic_shar
     assert all(torch.isfinite(v).all() for v in state["backbone"].values())
 
 
+@pytest.mark.parametrize("head", ["attfc", "fc", "partialfc"])
+def test_a_poisoned_step_is_skipped_without_a_trace(run_cli, synthetic_shards, tmp_path, head):
+    """--inject-nan-at-step makes step 2's forward NaN: it is skipped, step 3 trains on, and
+    model.pt, the BN statistics and attfc's container in the checkpoint stay finite."""
+    run = tmp_path / head
+    done = run_cli("train", "--shards", synthetic_shards, "--output", run, *TINY, "--head", head,
+                   "--max-steps", "3", "--log-every", "1", "--inject-nan-at-step", "2",
+                   timeout=300)
+    assert done.returncode == 0, done.stderr
+    records = read_metrics(run)
+    assert [r["loss"] is not None for r in records] == [True, False, True]
+    assert [r["nonfinite_total"] for r in records] == [0, 1, 1]
+    model = torch.load(run / "model.pt", weights_only=True)
+    state = torch.load(run / "checkpoints" / "step-000000003.pt", weights_only=True)
+    tensors = {**model, **{f"{part} {name}": value for part in ("backbone", "head")
+                           for name, value in state[part].items()}}
+    assert any("dcc.centers" in name for name in tensors) == (head == "attfc")
+    bad = [name for name, value in tensors.items()
+           if value.is_floating_point() and not torch.isfinite(value).all()]
+    assert not bad, bad
+
+
 def test_corrupt_image_stops_with_its_shard_or_is_skipped(run_cli, synthetic_shards, tmp_path):
     """A damaged image: one-line error naming shard and offset; --skip-bad trains on."""
     import shutil

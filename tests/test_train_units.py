@@ -76,14 +76,14 @@ def test_checkpoint_roundtrip_keep_and_rng(tmp_path):
     torch.manual_seed(1)
     np.random.seed(2)
     random.seed(3)
-    state = {"w": torch.randn(3), "rng": ckpt.rng_state(), "position": {"step": 1}}
+    state = {"w": torch.randn(3), "rng": ckpt.rng_state("cpu"), "position": {"step": 1}}
     expected = (torch.rand(2), np.random.rand(), random.random())
     for step in (1, 2, 3, 4):
         ckpt.save_checkpoint(tmp_path, step, state, keep=2)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-000000004.pt",
                                                                   "step-000000003.pt"]
     _, loaded = ckpt.latest_checkpoint(tmp_path)  # weights_only=True load
-    ckpt.set_rng_state(loaded["rng"])
+    ckpt.set_rng_state(loaded["rng"], "cpu")
     assert torch.equal(torch.rand(2), expected[0])
     assert np.random.rand() == expected[1] and random.random() == expected[2]
 

@@ -81,8 +81,9 @@ def latest_checkpoint(directory: Path) -> tuple[Path, dict[str, Any]] | None:
     return None
 
 
-def rng_state() -> dict[str, Any]:
-    """Every global RNG the step may touch, as tensors and plain values."""
+def rng_state(device: str) -> dict[str, Any]:
+    """Every global RNG the step may touch, as tensors and plain values: on CUDA, the
+    generator of this process's own GPU only (the others are no rank's, unadvanced)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
@@ -90,21 +91,25 @@ def rng_state() -> dict[str, Any]:
                   "has_gauss": has_gauss, "gauss": gauss},
         "python": random.getstate(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` captured."""
+def set_rng_state(state: dict[str, Any], device: str) -> None:
+    """Restore what :func:`rng_state` captured; a CUDA state goes to this process's GPU,
+    whichever rank or GPU saved it (under torchrun every rank's generator is rank 0's)."""
     torch.set_rng_state(state["torch"])
     np_state = state["numpy"]
     np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32),
                          np_state["pos"], np_state["has_gauss"], np_state["gauss"]))
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.device(device).type == "cuda":
+        saved = state["cuda"]
+        if isinstance(saved, list):  # older checkpoints: every GPU rank 0 saw, its own first
+            saved = saved[0]
+        torch.cuda.set_rng_state(saved, device)
 
 
 def gather_rows(local: torch.Tensor, num_rows: int, ranks: Ranks) -> torch.Tensor | None:
@@ -137,6 +142,7 @@ class RunParts:
     scaler: torch.amp.GradScaler
     image_stats: ImageStats | None
     world: World
+    device: str
 
 
 def save_state(parts: RunParts, record: dict[str, Any], *, ckpt_dir: Path, run_dir: Path,
@@ -157,7 +163,7 @@ def save_state(parts: RunParts, record: dict[str, Any], *, ckpt_dir: Path, run_d
         "head": head,
         "optimizer": optimizer,
         "scaler": parts.scaler.state_dict(),
-        "rng": rng_state(),
+        "rng": rng_state(parts.device),
         **{key: value for key, value in record.items() if key != "position"},
         "world_size": parts.world.world_size,
     }
@@ -181,11 +187,35 @@ def restore_state(parts: RunParts, state: dict[str, Any]) -> None:
             **moment, "momentum_buffer": take_rows(moment["momentum_buffer"], ranks)}}}
     parts.head.load_state_dict(head)
     parts.optimizer.load_state_dict(optimizer)
-    parts.scaler.load_state_dict(state["scaler"])
+    _lay_momentum_like_params(parts.optimizer)
+    _load_scaler(parts.scaler, state["scaler"])
     # The sums are the whole run's: one rank continues them, the others add to zero.
     if parts.image_stats is not None and "image_stats" in state and parts.world.is_main:
         parts.image_stats.load_state_dict(state["image_stats"])
-    set_rng_state(state["rng"])
+    set_rng_state(state["rng"], parts.device)
+
+
+def _lay_momentum_like_params(optimizer: torch.optim.Optimizer) -> None:
+    """Each momentum buffer in its parameter's memory layout. ``load_state_dict`` keeps the
+    saving run's strides (channels-last convs from a CUDA run, NCHW from a CPU one), and the
+    fused SGD kernel pairs buffer and parameter element by element in memory order: another
+    layout applies momentum to the wrong weights on the CPU and is refused on CUDA."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            buffer = state.get("momentum_buffer")
+            if buffer is not None and buffer.stride() != param.stride():
+                state["momentum_buffer"] = torch.empty_like(param).copy_(buffer)
+
+
+def _load_scaler(scaler: torch.amp.GradScaler, saved: dict[str, Any]) -> None:
+    """The fp16 loss scaler's state; a run resumed in fp16 from a bf16/fp32 checkpoint (no
+    scaler state) starts the scaler afresh, as a new run does."""
+    if scaler.is_enabled() and not saved:
+        log.info("--precision fp16: the checkpoint holds no loss-scaler state (written in "
+                 "bf16 or fp32); the scaler starts afresh")
+        return
+    scaler.load_state_dict(saved)
 
 
 def _whole_head_state(parts: RunParts) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -175,8 +175,9 @@ def add_options(parser: ArgumentParser) -> None:
                         "RUN/config.toml as the base settings")
     parser.add_argument("--inject-nan-at-step", type=_parse_steps, action="append",
                         default=[], metavar="STEP[-LAST]",
-                        help="testing only (repeatable): make the loss NaN at these global "
-                        "steps to exercise the non-finite-loss handling")
+                        help="testing only (repeatable): make the feature encoder's input "
+                        "NaN at these global steps to exercise the skipping of non-finite "
+                        "steps")
 
 
 def _show(value: Any) -> str:

@@ -31,12 +31,19 @@ class ImageStats:
         self.cos_sum = torch.zeros_like(self.count)
 
     @torch.no_grad()
-    def add(self, class_image_ids: torch.Tensor, alpha: torch.Tensor, cos: torch.Tensor) -> None:
-        """Accumulate one step: ids [B, k], α and cos [B, k'] (k' = 1: the first image only)."""
+    def add(self, class_image_ids: torch.Tensor, alpha: torch.Tensor, cos: torch.Tensor, *,
+            counted: torch.Tensor) -> None:
+        """Accumulate one step: ids [B, k], α and cos [B, k'] (k' = 1: the first image only).
+
+        ``counted``: a device bool, False for a step the trainer skips (its scores may be
+        NaN): then nothing is added, still without a host sync.
+        """
         ids = class_image_ids[:, :alpha.shape[1]].reshape(-1).to(self.count.device)
-        self.count.index_add_(0, ids, torch.ones_like(ids, dtype=torch.float64))
-        self.alpha_sum.index_add_(0, ids, alpha.detach().reshape(-1).double())
-        self.cos_sum.index_add_(0, ids, cos.detach().reshape(-1).double())
+        self.count.index_add_(0, ids, counted.double().expand(ids.shape))
+        self.alpha_sum.index_add_(0, ids, torch.where(counted, alpha.detach(), 0).reshape(-1)
+                                  .double())
+        self.cos_sum.index_add_(0, ids, torch.where(counted, cos.detach(), 0).reshape(-1)
+                                .double())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"count": self.count, "alpha_sum": self.alpha_sum, "cos_sum": self.cos_sum}

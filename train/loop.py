@@ -152,7 +152,7 @@ class Trainer:
             sharded=(self.head.weight,) if self.head.weight_rows is not None else (),
             accumulate=config["accumulate"])
         self.parts = RunParts(self.backbone, self.head, self.optimizer, self.train_step.scaler,
-                              self.image_stats, self.world)
+                              self.image_stats, self.world, self.device)
         if checkpoint is not None:
             self._restore(checkpoint)
         self.validator = self._validator() if self.world.is_main else None

@@ -37,6 +37,42 @@ def make_optimizer(params: list[nn.Parameter], *, lr: float, momentum: float,
     return optimizer
 
 
+class BufferRollback:
+    """Puts a module's buffers (BatchNorm running statistics) back as they were before a
+    step whose loss turned out non-finite, on the device (no host sync).
+
+    Per dtype the buffers have two flat twins: :meth:`save` is one fused copy into the
+    first; :meth:`restore_unless` a fused copy of the step's values into the second, one
+    ``where`` between the two, and one fused copy back.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for buffer in module.buffers():
+            by_dtype.setdefault(buffer.dtype, []).append(buffer)
+        self.groups = [(buffers, _flat_twin(buffers), _flat_twin(buffers))
+                       for buffers in by_dtype.values()]
+
+    def save(self) -> None:
+        for buffers, (_, saved), _ in self.groups:
+            torch._foreach_copy_(saved, buffers)
+
+    def restore_unless(self, finite: torch.Tensor) -> None:
+        """Keep the step's buffers where ``finite`` (a device bool), else the saved ones."""
+        for buffers, (saved_flat, _), (now_flat, now) in self.groups:
+            torch._foreach_copy_(now, buffers)
+            torch.where(finite, now_flat, saved_flat, out=now_flat)
+            torch._foreach_copy_(buffers, now)
+
+
+def _flat_twin(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One flat tensor of the tensors' total size, and its views shaped like each of them."""
+    flat = torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype,
+                       device=tensors[0].device)
+    return flat, [view.view(t.shape) for view, t in
+                  zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]
+
+
 class TrainStep:
     """Owns the precision policy and the skip/count logic for non-finite losses."""
 
@@ -74,6 +110,7 @@ class TrainStep:
         # fp16 needs loss scaling; bf16 has fp32's range and does not.
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=precision == "fp16")
         apply_tf32_policy()
+        self.buffers = BufferRollback(backbone)
         self.nonfinite_in_row = torch.zeros((), dtype=torch.int64, device=device)
         self.nonfinite_total = torch.zeros((), dtype=torch.int64, device=device)
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -84,10 +121,13 @@ class TrainStep:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype)
 
-    def _inputs(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _inputs(self, batch: Any, poison: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The batch's identity and class images, normalised into the compute dtype."""
         dtype = self.dtype or torch.float32  # the compute dtype: autocast has nothing to cast
         images = normalize_images(batch.identity, dtype)
+        if poison:  # the --inject-nan-at-step test hook: a forward gone non-finite
+            images.fill_(float("nan"))
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         class_images = (normalize_images(batch.classes, dtype) if self.head.needs_class_images
@@ -98,23 +138,22 @@ class TrainStep:
         """Train on one batch; returns the head's stats (device tensors, not read back)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        self.buffers.save()
         if self.accumulate > 1:
             return self._accumulated(batch, poison)
-        images, class_images = self._inputs(batch)
+        images, class_images = self._inputs(batch, poison)
         with self._autocast():
             features = self.forward_backbone(images)
             out = self.head(features, batch.labels, class_images)
         out.stats.update(embedding_spread(features, batch.labels))
         loss = out.loss.float()
-        if poison:  # the --inject-nan-at-step test hook
-            loss = loss * float("nan")
         reported = loss.detach()
         if self.sum_over_ranks is not None:  # the global batch's mean loss, NaN if any is
             reported = self.sum_over_ranks(reported) / self.world_size
         finite = torch.isfinite(reported)
 
         if out.class_scores is not None and self.image_stats is not None:
-            self.image_stats.add(batch.class_image_ids, *out.class_scores)
+            self.image_stats.add(batch.class_image_ids, *out.class_scores, counted=finite)
 
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -133,6 +172,7 @@ class TrainStep:
             self.optimizer.found_inf = (~finite).float()
             self.optimizer.step()
             del self.optimizer.found_inf
+        self.buffers.restore_unless(finite)  # before attfc copies them into its class encoder
         self.head.after_optimizer_step(self.backbone)
 
         self.nonfinite_in_row = torch.where(finite, 0, self.nonfinite_in_row + 1)
@@ -152,44 +192,46 @@ class TrainStep:
         parts = micro_batches(batch, self.accumulate)
         self.head.begin_step(batch.labels)
         if self.head.stages_features:
-            self._stage(parts)
+            self._stage(parts, poison)
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=batch.labels.device)
         stats: list[dict[str, torch.Tensor]] = []
         batch_features = []
+        scores = []  # each micro-batch's class-image scores, added once the step is known good
         for index, part in enumerate(parts):
             last = index == len(parts) - 1
-            images, class_images = self._inputs(part)
+            images, class_images = self._inputs(part, poison)
             with self._no_sync() if not last else contextlib.nullcontext():
                 with self._autocast():
                     features = self.forward_backbone(images)
                     out = self.head(features, part.labels, class_images)
                 loss = (out.loss / self.accumulate).float()
-                if poison:  # the --inject-nan-at-step test hook
-                    loss = loss * float("nan")
                 self.scaler.scale(loss).backward()
             total += loss.detach()
             stats.append(out.stats)
             batch_features.append(features.detach())
             if out.class_scores is not None and self.image_stats is not None:
-                self.image_stats.add(part.class_image_ids, *out.class_scores)
+                scores.append((part.class_image_ids, out.class_scores))
         self.head.end_step()
         reported = total
         if self.sum_over_ranks is not None:  # the global batch's mean loss, NaN if any is
             reported = self.sum_over_ranks(reported) / self.world_size
-        self._update(torch.isfinite(reported), reported)
+        finite = torch.isfinite(reported)
+        for ids, (alpha, cos) in scores:
+            self.image_stats.add(ids, alpha, cos, counted=finite)
+        self._update(finite, reported)
         return {**combine_stats(stats, self.head.summed_stats),
                 **embedding_spread(torch.cat(batch_features), batch.labels)}
 
     @torch.no_grad()
-    def _stage(self, parts: list[Any]) -> None:
+    def _stage(self, parts: list[Any], poison: bool) -> None:
         """The features of every micro-batch for the head, without gradient, before any
         loss; BatchNorm uses each micro-batch's statistics as the training forward will,
         and its running statistics are put back (the training forwards update them)."""
         buffers = list(self.backbone.buffers())
         saved = [b.clone() for b in buffers]
         for part in parts:
-            images, class_images = self._inputs(part)
+            images, class_images = self._inputs(part, poison)
             with self._autocast():
                 self.head.stage(self.backbone(images), part.labels, class_images)
         if buffers:

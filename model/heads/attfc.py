@@ -102,15 +102,20 @@ class DynamicClassContainer(nn.Module):
     def push(self, centers: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Write n centres over the oldest n entries (FIFO, wrapping); return their slots [n].
 
-        Stays on the device (no host sync): the pointer is a tensor.
+        Centres with a non-finite value (a step the trainer is about to skip) leave the
+        container as it was, or every later loss over it would be NaN for S/n steps. Stays on
+        the device (no host sync): the pointer and that choice are tensors.
         """
         n = centers.shape[0]
         if n > self.capacity:
             raise ValueError(f"cannot push {n} centres into a DCC of capacity {self.capacity}")
         slots = (self.ptr + torch.arange(n, device=self.ptr.device)) % self.capacity
-        self.centers.index_copy_(0, slots, centers.to(self.centers.dtype))
-        self.labels.index_copy_(0, slots, labels.to(self.labels.dtype))
-        self.ptr.copy_((self.ptr + n) % self.capacity)
+        finite = torch.isfinite(centers).all()
+        self.centers.index_copy_(0, slots, torch.where(finite, centers.to(self.centers.dtype),
+                                                       self.centers[slots]))
+        self.labels.index_copy_(0, slots, torch.where(finite, labels.to(self.labels.dtype),
+                                                      self.labels[slots]))
+        self.ptr.copy_(torch.where(finite, (self.ptr + n) % self.capacity, self.ptr))
         return slots
 
 
