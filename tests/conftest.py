@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ONE_THREAD, SYNTHETIC_SHARDS, assert_ok, run_module, tree_bytes
+from tests.helpers import SYNTHETIC_SHARDS, assert_ok, run_module, tree_bytes
 from tests.shard_helpers import FACE_COUNTS, face_tree, shard_folder
 
 
@@ -29,7 +29,7 @@ def _shared(path: Path) -> Iterator[Path]:
 def synthetic_shards(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The shards of SYNTHETIC_SHARDS (10 people x 8 photos)."""
     out = tmp_path_factory.mktemp("synthetic") / "shards"
-    assert_ok(run_module("data_engine.shard", *SYNTHETIC_SHARDS, "--out", out, env=ONE_THREAD))
+    assert_ok(run_module("data_engine.shard", *SYNTHETIC_SHARDS, "--out", out))
     yield from _shared(out)
 
 

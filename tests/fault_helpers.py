@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ONE_THREAD, start_module, wait_until
+from tests.helpers import start_module, wait_until
 
 
 def _mount(*args: str) -> subprocess.CompletedProcess:
@@ -114,8 +114,8 @@ def run_then_kill(prefix: list[str], module: str, *args: object, until: Callable
     """Run ``python -m module`` under ``prefix`` until ``until()`` holds, then kill -9 what
     is left of the job, all its processes (the OOM killer or a power cut takes the whole
     job). Fails if the job ends first."""
-    process = start_module(module, *args, prefix=prefix, env=ONE_THREAD,
-                           stdout=subprocess.DEVNULL, start_new_session=True)
+    process = start_module(module, *args, prefix=prefix, stdout=subprocess.DEVNULL,
+                           start_new_session=True)
     try:
         wait_until(until, process, timeout=timeout)
     finally:

@@ -20,9 +20,6 @@ TINY_NETWORK_ARGS = {"blocks": [1, 1, 1, 1], "scale": 1}
 # The test shards: 10 synthetic people x 8 photos (10 steps an epoch at --batch-size 8).
 SYNTHETIC_SHARDS = ["--src", "synthetic", "--identities", "10", "--images-per-identity", "8",
                     "--seed", "0"]
-# Each training process on one thread: the tests share two busy cores, where torch's default
-# thread pool spends more time spinning than computing.
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def tiny_train_args(*, embedding_size: int = 64, workers: int = 1, **options: object,
@@ -38,8 +35,10 @@ def tiny_train_args(*, embedding_size: int = 64, workers: int = 1, **options: ob
 
 
 def module_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of a CLI under test: this checkout first on the path."""
-    return {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    """The environment of a CLI under test: this checkout first on the path, and one thread
+    unless the caller's environment says otherwise (the tests share two busy cores, where
+    torch's default thread pool spends more time spinning than computing)."""
+    return {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONPATH": str(REPO), **(env or {})}
 
 
 def run_module(module: str, *args: object, timeout: float = 600,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import signal
 import socket
 import subprocess
 import sys
@@ -27,8 +26,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.fault_helpers import strace_prefix
 from tests.helpers import (
-    ONE_THREAD,
     REPO,
     assert_ok,
     module_env,
@@ -48,7 +47,7 @@ MOMENTUM_TOL = 1e-2
 TINY = tiny_train_args(embedding_size=16, workers=0, gamma=0.9, prefetch=0, log_every=1,
                        lr=0.001)
 # Each rank on one thread: two ranks on a 2-core machine, and one process alike.
-ENV = module_env(ONE_THREAD)
+ENV = module_env()
 TORCHRUN = [str(Path(sys.executable).parent / "torchrun"), "--standalone",
             "--nproc_per_node", "2", "-m", "train"]
 
@@ -59,7 +58,7 @@ def warm(synthetic_shards, tmp_path_factory):
     run = tmp_path_factory.mktemp("dist") / "warm"
     assert_ok(run_module("train", "--shards", synthetic_shards, "--output", run, *TINY,
                          "--head", "fc", "--batch-size", "8", "--lr", "0.1", "--max-steps", "8",
-                         env=ONE_THREAD, timeout=300))
+                         timeout=300))
     return run / "model.pt"
 
 
@@ -145,7 +144,8 @@ def test_two_ranks_train_what_one_process_trains(synthetic_shards, warm, tmp_pat
 
 def test_attfc_two_ranks_exact_sigterm_and_resume_on_one(synthetic_shards, warm, tmp_path):
     """attfc on 2 ranks == 1 process (identical containers checked after every step); a
-    SIGTERM'd 2-rank run resumed on 1 process reproduces the straight 2-rank run."""
+    2-rank run stopped by SIGTERM (to rank 0, as it writes step 1's record: the ranks agree
+    to stop together) and resumed on 1 process reproduces the straight 2-rank run."""
     one, two, split = tmp_path / "one", tmp_path / "two", tmp_path / "split"
     args = ["--head", "attfc", "--max-steps", "4"]
     _train(synthetic_shards, warm, one, *args)
@@ -154,21 +154,19 @@ def test_attfc_two_ranks_exact_sigterm_and_resume_on_one(synthetic_shards, warm,
 
     cmd = [*TORCHRUN, "--shards", str(synthetic_shards), "--output", str(split), *TINY,
            "--init", str(warm), "--batch-size", "4", "--sync-bn", *args]
-    process = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    wait_until(lambda: bool(read_metrics(split)), process)
-    process.send_signal(signal.SIGTERM)  # torchrun passes it to both ranks
-    _, stderr = process.communicate(timeout=120)
+    prefix = strace_prefix(split / "metrics.jsonl", "write", tmp_path / "strace.txt",
+                           "signal=SIGTERM", when="1")
+    done = subprocess.run([*prefix, *cmd], cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=300)
     stopped = max(_losses(split))
-    assert 1 <= stopped < 4, stderr[-2000:]
+    assert done.returncode == 0 and stopped in (1, 2), done.stderr[-2000:]
     assert [p.name for p in (split / "checkpoints").iterdir()] == [f"step-{stopped:09d}.pt"]
 
-    refused = run_module("train", "--output", split, "--resume", env=ONE_THREAD, timeout=300)
+    refused = run_module("train", "--output", split, "--resume", timeout=300)
     assert refused.returncode == 2
     assert "global batch of 8 (4 per rank x 2)" in refused.stderr
     assert "pass --batch-size 8" in refused.stderr
-    assert_ok(run_module("train", "--output", split, "--resume", "--batch-size", "8",
-                         env=ONE_THREAD, timeout=300))
+    assert_ok(run_module("train", "--output", split, "--resume", "--batch-size", "8", timeout=300))
     assert_same_training(two, split, 4, from_step=stopped)
 
 

@@ -35,7 +35,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +53,6 @@ from tests.fault_helpers import (
     strace_prefix,
 )
 from tests.helpers import (
-    ONE_THREAD,
     TINY_NETWORK_ARGS,
     assert_ok,
     read_metrics,
@@ -72,16 +70,13 @@ SHARD = ["--src", "synthetic", "--identities", "24", "--images-per-identity", "4
          "2", "--shard-size", "24k", "--workers", "1"]
 
 
-def cli(module: str, *args, **kwargs) -> subprocess.CompletedProcess:
-    return run_module(module, *args, env=ONE_THREAD, **kwargs)
-
-
 @pytest.fixture(scope="module")
 def other_shards(tmp_path_factory) -> Path:
     """Another dataset (12 ids x 8 images) than the session's synthetic shards."""
     out = tmp_path_factory.mktemp("faults") / "other"
-    assert_ok(cli("data_engine.shard", "--src", "synthetic", "--identities", "12",
-                  "--images-per-identity", "8", "--seed", "1", "--workers", "1", "--out", out))
+    assert_ok(run_module("data_engine.shard", "--src", "synthetic", "--identities", "12",
+                         "--images-per-identity", "8", "--seed", "1", "--workers", "1",
+                         "--out", out))
     return out
 
 
@@ -89,8 +84,8 @@ def other_shards(tmp_path_factory) -> Path:
 def trained(synthetic_shards, tmp_path_factory) -> Path:
     """A run with checkpoints at steps 1, 2 and 3 (copy it before changing it)."""
     run = tmp_path_factory.mktemp("trained") / "run"
-    assert_ok(cli("train", "--shards", synthetic_shards, "--output", run, *TINY,
-                  "--max-steps", "3", "--ckpt-every", "1", timeout=300))
+    assert_ok(run_module("train", "--shards", synthetic_shards, "--output", run, *TINY,
+                         "--max-steps", "3", "--ckpt-every", "1", timeout=300))
     return run
 
 
@@ -98,7 +93,7 @@ def trained(synthetic_shards, tmp_path_factory) -> Path:
 def sharded(tmp_path_factory) -> Path:
     """The reference output of SHARD, written without faults."""
     out = tmp_path_factory.mktemp("reference") / "shards"
-    assert_ok(cli("data_engine.shard", *SHARD, "--out", out))
+    assert_ok(run_module("data_engine.shard", *SHARD, "--out", out))
     return out
 
 
@@ -148,7 +143,7 @@ def test_kill9_while_writing_a_shard(sharded, tmp_path):
     assert _shards_intact(out) == committed  # what was finished before the kill is intact
     assert not (out / "shard-000003.tar").exists()
 
-    rerun = assert_ok(cli("data_engine.shard", *SHARD, "--out", out))
+    rerun = assert_ok(run_module("data_engine.shard", *SHARD, "--out", out))
     assert "3 already done" in rerun.stderr
     assert output_bytes(out) == output_bytes(sharded)
     assert not list(out.glob(".*"))  # the killed writer's temp file is gone
@@ -165,7 +160,7 @@ def test_one_sharding_worker_killed(sharded, tmp_path):
     prefix = strace_prefix(out / ".shard-000005.tar.tmp", "write", log)
     two_workers = [*SHARD[:-1], "2"]
     assert SHARD[-2] == "--workers"
-    result = cli("data_engine.shard", *two_workers, "--out", out, prefix=prefix, timeout=300)
+    result = run_module("data_engine.shard", *two_workers, "--out", out, prefix=prefix, timeout=300)
     assert "killed by SIGKILL" in log.read_text()
     line = last_error_line(result, "data_engine.shard")
     assert re.search(r"sharding worker \d+ was killed by SIGKILL .*while writing "
@@ -175,7 +170,7 @@ def test_one_sharding_worker_killed(sharded, tmp_path):
     assert len(_shards_intact(out)) >= 4
     assert not (out / "manifest.json").exists()
 
-    assert_ok(cli("data_engine.shard", *two_workers, "--out", out))
+    assert_ok(run_module("data_engine.shard", *two_workers, "--out", out))
     assert output_bytes(out) == output_bytes(sharded)
     assert not list(out.glob(".*"))
 
@@ -185,7 +180,7 @@ def test_disk_full_while_sharding(sharded, tmp_path):
     total = sum(p.stat().st_size for p in sharded.iterdir() if p.is_file())
     with small_disk(tmp_path / "disk", total // 2 // 4096 * 4096) as disk:
         out = disk / "shards"
-        result = cli("data_engine.shard", *SHARD, "--out", out)
+        result = run_module("data_engine.shard", *SHARD, "--out", out)
         line = last_error_line(result, "data_engine.shard")
         assert line.startswith(f"data_engine.shard: error: cannot write {out}/shard-"), line
         for part in ("disk full (No space left on device): needs", "unfinished shards",
@@ -195,7 +190,7 @@ def test_disk_full_while_sharding(sharded, tmp_path):
         assert finished and not list(out.glob(".*"))
 
         resize_disk(disk, 4 * total)  # the user frees space and reruns
-        rerun = assert_ok(cli("data_engine.shard", *SHARD, "--out", out))
+        rerun = assert_ok(run_module("data_engine.shard", *SHARD, "--out", out))
         assert f"{len(finished)} already done" in rerun.stderr
         assert output_bytes(out) == output_bytes(sharded)
 
@@ -205,10 +200,10 @@ def test_disk_full_while_sharding(sharded, tmp_path):
 def test_read_only_output_directory(prog, synthetic_shards, tmp_path):
     with small_disk(tmp_path / "ro", 1 << 20, read_only=True) as disk:
         if prog == "train":
-            result = cli("train", "--shards", synthetic_shards, "--output", disk / "run",
-                         *TINY, "--max-steps", "1")
+            result = run_module("train", "--shards", synthetic_shards, "--output", disk / "run",
+                                *TINY, "--max-steps", "1")
         else:
-            result = cli("data_engine.shard", *SHARD, "--out", disk / "shards")
+            result = run_module("data_engine.shard", *SHARD, "--out", disk / "shards")
         line = last_error_line(result, prog)
         assert f"{disk / ('run' if prog == 'train' else 'shards')}" in line, line
         assert "Read-only file system" in line, line
@@ -223,7 +218,7 @@ def test_truncated_shard_stops_train_before_step_one(synthetic_shards, tmp_path)
     recorded = shard.stat().st_size
     os.truncate(shard, recorded - 10240)  # an interrupted copy
     before = tree_bytes(shards)
-    result = cli("train", "--shards", shards, "--output", tmp_path / "run", *TINY)
+    result = run_module("train", "--shards", shards, "--output", tmp_path / "run", *TINY)
     line = last_error_line(result, "train")
     assert f"{shard}: {recorded - 10240} bytes, manifest.json says {recorded}" in line, line
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before the first step
@@ -236,8 +231,8 @@ def test_dev_shm_too_small_for_the_loader(synthetic_shards, tmp_path):
     run's own) cannot hold the torch loader's shared batch buffers (5 of 0.3 MiB): train
     stops before step one with one line naming /dev/shm and --workers."""
     prefix = small_dev_shm_prefix(1 << 20)
-    result = cli("train", "--shards", synthetic_shards, "--output", tmp_path / "run", *TINY,
-                 "--max-steps", "2", prefix=prefix, timeout=300)
+    result = run_module("train", "--shards", synthetic_shards, "--output", tmp_path / "run", *TINY,
+                        "--max-steps", "2", prefix=prefix, timeout=300)
     line = last_error_line(result, "train")
     assert line.startswith("train: error: /dev/shm: no room for the torch loader's 5 batch "
                            "buffers") and "pass fewer --workers" in line, line
@@ -252,7 +247,7 @@ def test_bit_flipped_shard_found_by_verify_shards(synthetic_shards, tmp_path):
     reader = ShardReader(shards)
     _flip_bit(reader.shard_paths[0], int(reader.image_offset[0] + reader.image_bytes[0] // 2))
     recorded = json.loads((shards / "manifest.json").read_text())["shards"][0]["sha256"]
-    result = cli("train", "--shards", shards, "--output", tmp_path / "run", *TINY,
+    result = run_module("train", "--shards", shards, "--output", tmp_path / "run", *TINY,
                         "--verify-shards")
     line = last_error_line(result, "train")
     assert f"{reader.shard_paths[0]}: sha256 " in line and f"says {recorded}" in line, line
@@ -321,7 +316,7 @@ def test_kill9_while_writing_a_checkpoint(synthetic_shards, tmp_path):
     assert load_checkpoint(run / "checkpoints" / "step-000000003.pt")["position"]["step"] == 3
     assert [r["step"] for r in read_metrics(run, None)] == [1, 2, 3, 4, 5, 6]
 
-    resumed = assert_ok(cli("train", "--output", run, "--resume", timeout=300))
+    resumed = assert_ok(run_module("train", "--output", run, "--resume", timeout=300))
     assert f"resuming from {run / 'checkpoints' / 'step-000000003.pt'}" in resumed.stderr
     assert [r["step"] for r in read_metrics(run, None)] == [1, 2, 3, 4, 5, 6]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
@@ -334,7 +329,7 @@ def test_disk_full_while_writing_a_checkpoint(synthetic_shards, trained, tmp_pat
     with small_disk(tmp_path / "disk", size * 3 // 2 // 4096 * 4096) as disk:
         run = disk / "run"
         ckpts = run / "checkpoints"
-        result = cli("train", "--shards", synthetic_shards, "--output", run, *TINY,
+        result = run_module("train", "--shards", synthetic_shards, "--output", run, *TINY,
                             "--max-steps", "4", "--ckpt-every", "2", timeout=300)
         line = last_error_line(result, "train")
         assert line.startswith(f"train: error: cannot write {ckpts / 'step-000000004.pt'}: "
@@ -344,7 +339,7 @@ def test_disk_full_while_writing_a_checkpoint(synthetic_shards, trained, tmp_pat
         assert sorted(p.name for p in ckpts.iterdir()) == ["step-000000002.pt"]
 
         resize_disk(disk, size * 4)
-        assert_ok(cli("train", "--output", run, "--resume", timeout=300))
+        assert_ok(run_module("train", "--output", run, "--resume", timeout=300))
         assert [r["step"] for r in read_metrics(run, None)] == [1, 2, 3, 4]
         assert (ckpts / "step-000000004.pt").is_file()
 
@@ -356,7 +351,7 @@ def test_damaged_checkpoints(trained, tmp_path):
     ckpts = run / "checkpoints"
     _damage(ckpts / "step-000000003.pt", "truncated")
     _damage(ckpts / "step-000000002.pt", "bit-flipped")
-    resumed = assert_ok(cli("train", "--output", run, "--resume", timeout=300))
+    resumed = assert_ok(run_module("train", "--output", run, "--resume", timeout=300))
     for step in (3, 2):
         assert f"skipping unreadable checkpoint {ckpts / f'step-00000000{step}.pt'}" \
             in resumed.stderr
@@ -366,7 +361,7 @@ def test_damaged_checkpoints(trained, tmp_path):
     for path in (broken / "checkpoints").iterdir():
         _damage(path, "truncated")
     before = tree_bytes(broken)
-    result = cli("train", "--output", broken, "--resume", timeout=300)
+    result = run_module("train", "--output", broken, "--resume", timeout=300)
     line = last_error_line(result, "train")
     assert line == f"train: error: --resume: no readable checkpoint in {broken / 'checkpoints'}"
     assert tree_bytes(broken) == before
@@ -382,7 +377,7 @@ def test_sigterm_during_validation(synthetic_shards, verification_sets, tmp_path
                            "signal=SIGTERM", when="3")
     process = start_module("train", "--shards", synthetic_shards, "--output", run, *TINY,
                            "--val", verification_sets, "--val-every", "3", "--max-steps", "8",
-                           prefix=prefix, env=ONE_THREAD)
+                           prefix=prefix)
     out, err = process.communicate(timeout=240)
     assert process.returncode == 0, err
     assert err.index("SIGTERM received") < err.index("validation: synth")  # it was running
@@ -403,12 +398,12 @@ def test_resume_refuses_another_run(other_shards, trained, tmp_path, change):
     run = _copy(trained, tmp_path / "run")
     before = tree_bytes(run)
     if change == "dataset":
-        result = cli("train", "--output", run, "--resume", "--shards",
+        result = run_module("train", "--output", run, "--resume", "--shards",
                             other_shards, timeout=300)
         expected = (f"train: error: --resume: {run / 'checkpoints'} was trained on another "
                     f"dataset (10 identities, 80 images) than --shards {other_shards}")
     else:
-        result = cli("train", "--output", run, "--resume", "--embedding-size", "128",
+        result = run_module("train", "--output", run, "--resume", "--embedding-size", "128",
                             "--lr", "0.05")
         expected = (f"train: error: --resume: {run / 'config.toml'} was trained with other "
                     "settings (--embedding-size 64 -> 128; --lr 0.1 -> 0.05)")
@@ -528,7 +523,7 @@ def test_kill9_while_evaluate_commits_its_cache(ijb_and_models, tmp_path):
         args = ["ijbc", "--root", root, "--model", model, "--device", "cpu", "--batch-size",
                 "16", "--cache", cache, "--out", out]
         if prefix is None:
-            return assert_ok(cli("evaluate", *args, timeout=300))
+            return assert_ok(run_module("evaluate", *args, timeout=300))
         return run_then_kill(prefix, "evaluate", *args,
                              until=killed_by_strace(tmp_path / "strace.txt"))
 

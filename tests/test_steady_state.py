@@ -21,7 +21,6 @@ import psutil
 import pytest
 
 from tests.helpers import (
-    ONE_THREAD,
     assert_ok,
     read_metrics,
     run_module,
@@ -53,12 +52,12 @@ def test_memory_and_descriptors_stay_flat_across_epochs(tmp_path):
     shards = tmp_path / "shards"
     assert_ok(run_module("data_engine.shard", "--src", "synthetic", "--identities", "8",
                          "--images-per-identity", "1", "--seed", "0", "--workers", "1",
-                         "--out", shards, env=ONE_THREAD))
+                         "--out", shards))
     run = tmp_path / "run"
     process = start_module("train", "--shards", shards, "--output", run,
                            *tiny_train_args(workers=2, head="fc", batch_size=4,
                                             epochs=EPOCHS, log_every=1),
-                           env=ONE_THREAD, stdout=subprocess.DEVNULL)
+                           stdout=subprocess.DEVNULL)
     trainer = psutil.Process(process.pid)
     samples: dict[int, dict[str, int]] = {}
     try:
