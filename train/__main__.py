@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from common.cli import ArgumentParser, run_cli, setup_logging
+from common.errors import UserError
 from common.files import WriteError, write_atomic
 from common.run_folder import CHECKPOINTS_DIR, CONFIG
 from train.config import add_options, resolve, to_toml
@@ -37,6 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     config = resolve(args)
+    if args.plan:
+        return print_plan(args, config)
     text = to_toml(config)
     from train.distributed import launch_rank  # torch loads only after the flags are fine
 
@@ -54,6 +57,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return trainer.fit()
     except WriteError as error:
         raise WriteError(f"{error}; {resume_hint(run_dir)}", error.path) from None
+
+
+def print_plan(args: argparse.Namespace, config: dict) -> int:
+    """``--plan``: the predicted peak GPU memory (train/plan.py), as a table or JSON."""
+    import json
+
+    from data_engine.layout import read_manifest
+    from train.plan import format_report, plan_report
+
+    if args.num_classes is not None and args.num_classes < 1:
+        raise UserError(f"--num-classes {args.num_classes}: must be >= 1")
+    num_classes = args.num_classes or read_manifest(Path(config["shards"]))["num_identities"]
+    report = plan_report(config, num_classes, args.gpu_memory)
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0
 
 
 def resume_hint(run_dir: Path) -> str:

@@ -173,6 +173,14 @@ def add_options(parser: ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue RUN (--output) from its latest valid checkpoint, with "
                         "RUN/config.toml as the base settings")
+    plan = parser.add_argument_group("planning (nothing is trained, no GPU needed)")
+    plan.add_argument("--plan", action="store_true",
+                      help="print the step's predicted peak GPU memory by component")
+    plan.add_argument("--json", action="store_true", help="with --plan: as one JSON object")
+    plan.add_argument("--gpu-memory", type=float, metavar="GIB",
+                      help="with --plan: say whether it fits in GIB GiB, and what would")
+    plan.add_argument("--num-classes", type=int, metavar="N",
+                      help="with --plan: N identities instead of reading --shards")
     parser.add_argument("--inject-nan-at-step", type=_parse_steps, action="append",
                         default=[], metavar="STEP[-LAST]",
                         help="testing only (repeatable): make the feature encoder's input "
@@ -231,7 +239,7 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     if args.config is not None:
         config.update(load_toml(args.config))
     config.update(flags)
-    _check(config)
+    _check(config, need_shards=not (args.plan and args.num_classes))
     if saved_values:
         _check_resume(saved_values, config, saved)
     return config
@@ -266,10 +274,11 @@ def _check_resume(saved: dict[str, Any], config: dict[str, Any], path: Path) -> 
                         "or train into a new --output")
 
 
-def _check(config: dict[str, Any]) -> None:
-    if not config["shards"]:
-        raise UserError("--shards is required (or 'shards' in --config)")
-    if not Path(config["shards"]).is_dir():
+def _check(config: dict[str, Any], need_shards: bool = True) -> None:
+    if need_shards and not config["shards"]:
+        raise UserError("--shards is required (or 'shards' in --config, or --plan "
+                        "--num-classes N)")
+    if need_shards and not Path(config["shards"]).is_dir():
         raise UserError(f"--shards {config['shards']}: not a directory")
     if config["val"] not in ("auto", "none") and not Path(config["val"]).is_dir():
         raise UserError(f"--val {config['val']}: not a directory")
