@@ -15,7 +15,14 @@ import signal
 import pytest
 import torch
 
-from tests.helpers import TINY_NETWORK_ARGS, read_metrics, start_module, tiny_train_args, wait_until
+from tests.helpers import (
+    TINY_NETWORK_ARGS,
+    assert_one_line_error,
+    read_metrics,
+    start_module,
+    tiny_train_args,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -111,6 +118,21 @@ def test_accumulated_resume_is_exact(run_cli, synthetic_shards, tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert {r["global_batch"] for r in records} == {8}
     assert [r["loss"] for r in records] == [r["loss"] for r in read_metrics(straight)]
+
+
+def test_gpu_memory_turns_on_activation_checkpointing(run_cli, synthetic_shards, tmp_path):
+    """The planner predicts about 0.36 GiB for this step and 0.30 with checkpointing: with
+    --gpu-memory 0.33 training turns it on (config.toml keeps the choice); with 0.1 nothing
+    fits and the run stops before it starts, in one line."""
+    run, refused = tmp_path / "run", tmp_path / "refused"
+    common = ["--shards", synthetic_shards, *TINY, "--max-steps", "1"]
+    done = run_cli("train", *common, "--output", run, "--gpu-memory", "0.33", timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "activation_checkpointing = true" in (run / "config.toml").read_text()
+    result = run_cli("train", *common, "--output", refused, "--gpu-memory", "0.1", timeout=300)
+    assert_one_line_error(result, "--gpu-memory 0.1: predicted peak",
+                          "even with --activation-checkpointing")
+    assert not refused.exists()
 
 
 def test_sigint_checkpoints_and_exits_zero(synthetic_shards, tmp_path):

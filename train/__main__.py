@@ -40,6 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = resolve(args)
     if args.plan:
         return print_plan(args, config)
+    if args.gpu_memory is not None:
+        config = fit_to_memory(args, config)
     text = to_toml(config)
     from train.distributed import launch_rank  # torch loads only after the flags are fine
 
@@ -59,19 +61,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise WriteError(f"{error}; {resume_hint(run_dir)}", error.path) from None
 
 
+def _num_classes(args: argparse.Namespace, config: dict) -> int:
+    """--num-classes, else the shards' identity count."""
+    from data_engine.layout import read_manifest
+
+    if args.num_classes is not None and args.num_classes < 1:
+        raise UserError(f"--num-classes {args.num_classes}: must be >= 1")
+    return args.num_classes or read_manifest(Path(config["shards"]))["num_identities"]
+
+
 def print_plan(args: argparse.Namespace, config: dict) -> int:
     """``--plan``: the predicted peak GPU memory (train/plan.py), as a table or JSON."""
     import json
 
-    from data_engine.layout import read_manifest
     from train.plan import format_report, plan_report
 
-    if args.num_classes is not None and args.num_classes < 1:
-        raise UserError(f"--num-classes {args.num_classes}: must be >= 1")
-    num_classes = args.num_classes or read_manifest(Path(config["shards"]))["num_identities"]
-    report = plan_report(config, num_classes, args.gpu_memory)
+    report = plan_report(config, _num_classes(args, config), args.gpu_memory)
     print(json.dumps(report) if args.json else format_report(report))
     return 0
+
+
+def fit_to_memory(args: argparse.Namespace, config: dict) -> dict:
+    """Training with --gpu-memory: turn on activation checkpointing when the planner says
+    the step needs it to fit (saved in config.toml), or stop before anything starts."""
+    from train import plan
+
+    fitted = plan.fit_to_memory(config, _num_classes(args, config), args.gpu_memory)
+    if fitted["activation_checkpointing"] and not config["activation_checkpointing"]:
+        log.info("--gpu-memory %g: activation checkpointing on, so the step fits",
+                 args.gpu_memory)
+    return fitted
 
 
 def resume_hint(run_dir: Path) -> str:

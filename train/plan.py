@@ -24,6 +24,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from common.errors import UserError
 from model.backbones import get_model
 from model.heads import build_head
 from model.margins import build_margin
@@ -234,6 +235,26 @@ def plan_report(config: dict[str, Any], num_classes: int, gpu_memory_gib: float 
     report["suggestion"] = (f"{flags}--batch-size {batch}" if batch else
                             "nothing fits: even B=8 exceeds --gpu-memory")
     return report
+
+
+def fit_to_memory(config: dict[str, Any], num_classes: int, gpu_memory_gib: float
+                  ) -> dict[str, Any]:
+    """Training with ``--gpu-memory``: ``config`` as is when its predicted peak fits, else
+    with activation checkpointing when that fits; otherwise a one-line error with the
+    largest batch that would."""
+    budget = int(gpu_memory_gib * GIB)
+    peak = predict(config, num_classes).peak
+    if peak <= budget:
+        return config
+    checkpointed = {**config, "activation_checkpointing": True}
+    peak = predict(checkpointed, num_classes).peak
+    if peak <= budget:
+        return checkpointed
+    batch = largest_batch(checkpointed, num_classes, budget)
+    advice = (f"--batch-size {batch} fits with it" if batch
+              else "even --batch-size 8 does not fit")
+    raise UserError(f"--gpu-memory {gpu_memory_gib:g}: predicted peak {peak / GIB:.2f} GiB "
+                    f"even with --activation-checkpointing; {advice} (python -m train --plan)")
 
 
 def format_report(report: dict[str, Any]) -> str:
