@@ -5,9 +5,9 @@ settings (B=384, k=2, r=0.3, bf16) per network and N, and what fits each card.
 
 A card's budget is its memory less 0.5 GiB for the CUDA context, which
 ``max_memory_allocated`` (what the planner predicts) does not count. Per card: ``B=384`` when
-the plain step fits, ``ckpt`` when it fits with --activation-checkpointing, ``ckpt B=n`` the
-largest B (a multiple of 8) that fits with it (the peak is affine in B: read off B=384 and
-192), ``-`` when nothing does. Predictions, not measurements; bench/plan_error.py gives the
+the plain step fits, ``ckpt`` when it fits with --activation-checkpointing, ``ckpt, acc N``
+with that and --accumulate N (the batch stays 384, N micro-batches of 384/N), ``-`` when
+nothing up to N=8 does. Predictions, not measurements; bench/plan_error.py gives the
 planner's error. Needs no GPU.
 """
 
@@ -23,13 +23,8 @@ NETWORKS = ("mbf", "r50", "r100")
 CLASSES = (93_000, 1_000_000, 2_000_000)
 
 
-def _cell(plain: float, checkpointed: float, per_sample: float, budget: float) -> str:
-    if plain <= budget:
-        return "B=384"
-    if checkpointed <= budget:
-        return "ckpt"
-    batch = int((budget - (checkpointed - per_sample * 384)) / per_sample) // 8 * 8
-    return f"ckpt B={batch}" if batch >= 8 else "-"
+def _cell(peaks: dict[str, float], budget: float) -> str:
+    return next((label for label, peak in peaks.items() if peak <= budget), "-")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -45,14 +40,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         for n in CLASSES:
             config = {**DEFAULTS, "network": network, "head": "attfc", "batch_size": 384,
                       "k": 2, "sample_rate": 0.3, "precision": "bf16"}
-            plain = predict(config, n).peak / GIB
+            peaks = {"B=384": predict(config, n).peak / GIB}
             config["activation_checkpointing"] = True
-            checkpointed = predict(config, n).peak / GIB
-            half = predict(config, n, 192).peak / GIB
-            per_sample = (checkpointed - half) / 192
-            cells = [_cell(plain, checkpointed, per_sample, card - CONTEXT_GIB)
-                     for card in CARDS_GIB]
-            print(f"| {network} | {n:,} | {plain:.1f} | {checkpointed:.1f} | "
+            peaks["ckpt"] = predict(config, n).peak / GIB
+            for micro in (2, 4, 8):
+                if min(peaks.values()) <= CARDS_GIB[0] - CONTEXT_GIB:
+                    break
+                peaks[f"ckpt, acc {micro}"] = predict({**config, "accumulate": micro},
+                                                      n).peak / GIB
+            cells = [_cell(peaks, card - CONTEXT_GIB) for card in CARDS_GIB]
+            print(f"| {network} | {n:,} | {peaks['B=384']:.1f} | {peaks['ckpt']:.1f} | "
                   + " | ".join(cells) + " |", flush=True)
     return 0
 

@@ -50,6 +50,13 @@ def test_peak_holds_the_state_and_grows_with_the_head() -> None:
     assert attfc["head_and_its_grad"] == capacity * (16 * 4 + 8) + 8  # centres, labels, ptr
 
 
+def test_accumulation_predicts_one_micro_batch_of_activations() -> None:
+    whole, halves = (predict(_config(head="fc", accumulate=n), 50) for n in (1, 2))
+    activations = whole.components["activations"], halves.components["activations"]
+    assert activations[1] == pytest.approx(activations[0] / 2, rel=0.05)  # + weight copies
+    assert halves.peak < whole.peak
+
+
 def test_plan_cli_json_without_shards_and_its_suggestion() -> None:
     done = run_module("train", "--plan", "--json", "--num-classes", "100", *TINY,
                       "--gpu-memory", "0.0001", timeout=300)

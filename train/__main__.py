@@ -82,14 +82,15 @@ def print_plan(args: argparse.Namespace, config: dict) -> int:
 
 
 def fit_to_memory(args: argparse.Namespace, config: dict) -> dict:
-    """Training with --gpu-memory: turn on activation checkpointing when the planner says
-    the step needs it to fit (saved in config.toml), or stop before anything starts."""
+    """Training with --gpu-memory: turn on activation checkpointing, then accumulation, when
+    the planner says the step needs it to fit (saved in config.toml), or stop before anything
+    starts."""
     from train import plan
 
     fitted = plan.fit_to_memory(config, _num_classes(args, config), args.gpu_memory)
-    if fitted["activation_checkpointing"] and not config["activation_checkpointing"]:
-        log.info("--gpu-memory %g: activation checkpointing on, so the step fits",
-                 args.gpu_memory)
+    if fitted != config:
+        log.info("--gpu-memory %g: %s, so the step fits", args.gpu_memory,
+                 plan.changes(config, fitted))
     return fitted
 
 

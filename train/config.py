@@ -179,8 +179,8 @@ def add_options(parser: ArgumentParser) -> None:
     plan.add_argument("--json", action="store_true", help="with --plan: as one JSON object")
     plan.add_argument("--gpu-memory", type=float, metavar="GIB",
                       help="with --plan: say whether it fits in GIB GiB, and what would; "
-                      "when training: turn on --activation-checkpointing if the step needs "
-                      "it to fit, or stop with the batch size that would")
+                      "when training: turn on --activation-checkpointing, then --accumulate, "
+                      "if the step needs them to fit, or stop with the batch size that would")
     plan.add_argument("--num-classes", type=int, metavar="N",
                       help="with --plan: N identities instead of reading --shards")
     parser.add_argument("--inject-nan-at-step", type=_parse_steps, action="append",

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -25,6 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from common.errors import UserError
+from data_engine.loading.batch import Batch
 from model.backbones import get_model
 from model.heads import build_head
 from model.margins import build_margin
@@ -125,12 +125,15 @@ def predict(config: dict[str, Any], num_classes: int, batch_size: int | None = N
         optimizer = make_optimizer(trained, lr=c["lr"], momentum=c["momentum"],
                                    weight_decay=c["weight_decay"])
         step = TrainStep(backbone, head, optimizer, device="cpu", precision=precision,
-                         channels_last=False, clip_grad_norm=c["clip_grad_norm"])
+                         channels_last=False, clip_grad_norm=c["clip_grad_norm"],
+                         accumulate=c["accumulate"])
         classes = head.k if head.needs_class_images else 0
-        fake_batch = SimpleNamespace(
+        fake_batch = Batch(
             identity=torch.empty(batch, 3, 112, 112, dtype=torch.uint8),
             classes=torch.empty(batch, classes, 3, 112, 112, dtype=torch.uint8),
-            labels=torch.zeros(batch, dtype=torch.long), class_image_ids=None)
+            labels=torch.zeros(batch, dtype=torch.long),
+            image_ids=torch.zeros(batch, dtype=torch.long),
+            class_image_ids=torch.zeros(batch, classes, dtype=torch.long))
         images = IMAGE_BYTES * batch * (1 + classes)
         class_encoder = getattr(head, "class_encoder", torch.nn.Module())
         head_trained = [p for p in head.parameters() if p.requires_grad]
@@ -154,8 +157,9 @@ def predict(config: dict[str, Any], num_classes: int, batch_size: int | None = N
             live.peak = live.live
             step(fake_batch, lr=0.1)
         with step._autocast():
-            saved, _ = saved_tensor_bytes(
-                lambda: backbone(torch.empty(batch, 3, 112, 112)), backbone.parameters())
+            saved, _ = saved_tensor_bytes(  # one micro-batch's
+                lambda: backbone(torch.empty(batch // c["accumulate"], 3, 112, 112)),
+                backbone.parameters())
     parts = dict(state)
     parts["activations"] = saved
     parts["class_encoder_working_set"] = class_live.peak_above_start
@@ -204,6 +208,35 @@ def largest_batch(config: dict[str, Any], num_classes: int, budget: int) -> int:
     return max(guess, 0)
 
 
+def settings_that_fit(config: dict[str, Any], num_classes: int, budget: int
+                      ) -> tuple[dict[str, Any], int] | None:
+    """The first of: ``config`` as is, with activation checkpointing, then with it and
+    ``--accumulate`` 2, 4, 8, ... (the batch stays B) whose predicted peak fits ``budget``
+    bytes, with that peak; None when none does."""
+    candidates = [config, {**config, "activation_checkpointing": True}]
+    batch, micro = config["batch_size"], 2 * config["accumulate"]
+    # adaface cannot accumulate; BatchNorm needs two samples per micro-batch
+    while config["margin"] != "adaface" and micro <= batch // 2:
+        if batch % micro == 0:
+            candidates.append({**candidates[1], "accumulate": micro})
+        micro *= 2
+    for candidate in candidates:
+        peak = predict(candidate, num_classes).peak
+        if peak <= budget:
+            return candidate, peak
+    return None
+
+
+def changes(config: dict[str, Any], fitted: dict[str, Any]) -> str:
+    """The flags that turn ``config`` into ``fitted``."""
+    flags = []
+    if fitted["activation_checkpointing"] and not config["activation_checkpointing"]:
+        flags.append("--activation-checkpointing")
+    if fitted["accumulate"] != config["accumulate"]:
+        flags.append(f"--accumulate {fitted['accumulate']}")
+    return " ".join(flags)
+
+
 def plan_report(config: dict[str, Any], num_classes: int, gpu_memory_gib: float | None
                 ) -> dict[str, Any]:
     """The ``--plan --json`` object: peak and components in GiB, fits, and a suggestion."""
@@ -212,6 +245,7 @@ def plan_report(config: dict[str, Any], num_classes: int, gpu_memory_gib: float 
         "network": config["network"], "head": config["head"], "num_classes": num_classes,
         "batch_size": config["batch_size"], "k": config["k"],
         "activation_checkpointing": config["activation_checkpointing"],
+        "accumulate": config["accumulate"],
         "peak_gib": round(plan.peak / GIB, 2),
         "components": {name: round(value / GIB, 3) for name, value in plan.components.items()},
         "fits": None, "suggestion": None}
@@ -222,17 +256,14 @@ def plan_report(config: dict[str, Any], num_classes: int, gpu_memory_gib: float 
     report["fits"] = plan.peak <= budget
     if report["fits"]:
         return report
-    if not config["activation_checkpointing"]:
-        checkpointed = {**config, "activation_checkpointing": True}
-        peak = predict(checkpointed, num_classes).peak
-        if peak <= budget:
-            report["suggestion"] = (f"--activation-checkpointing (predicted peak "
-                                    f"{peak / GIB:.2f} GiB)")
-            return report
-        config = checkpointed
-    batch = largest_batch(config, num_classes, budget)
-    flags = "--activation-checkpointing " if config["activation_checkpointing"] else ""
-    report["suggestion"] = (f"{flags}--batch-size {batch}" if batch else
+    found = settings_that_fit(config, num_classes, budget)
+    if found is not None:
+        report["suggestion"] = (f"{changes(config, found[0])} (predicted peak "
+                                f"{found[1] / GIB:.2f} GiB)")
+        return report
+    checkpointed = {**config, "activation_checkpointing": True, "accumulate": 1}
+    batch = largest_batch(checkpointed, num_classes, budget)
+    report["suggestion"] = (f"--activation-checkpointing --batch-size {batch}" if batch else
                             "nothing fits: even B=8 exceeds --gpu-memory")
     return report
 
@@ -240,21 +271,18 @@ def plan_report(config: dict[str, Any], num_classes: int, gpu_memory_gib: float 
 def fit_to_memory(config: dict[str, Any], num_classes: int, gpu_memory_gib: float
                   ) -> dict[str, Any]:
     """Training with ``--gpu-memory``: ``config`` as is when its predicted peak fits, else
-    with activation checkpointing when that fits; otherwise a one-line error with the
-    largest batch that would."""
+    with activation checkpointing, then accumulation, as :func:`settings_that_fit` picks;
+    otherwise a one-line error with the largest batch that would fit."""
     budget = int(gpu_memory_gib * GIB)
-    peak = predict(config, num_classes).peak
-    if peak <= budget:
-        return config
-    checkpointed = {**config, "activation_checkpointing": True}
-    peak = predict(checkpointed, num_classes).peak
-    if peak <= budget:
-        return checkpointed
+    found = settings_that_fit(config, num_classes, budget)
+    if found is not None:
+        return found[0]
+    checkpointed = {**config, "activation_checkpointing": True, "accumulate": 1}
     batch = largest_batch(checkpointed, num_classes, budget)
-    advice = (f"--batch-size {batch} fits with it" if batch
+    advice = (f"--batch-size {batch} fits with --activation-checkpointing" if batch
               else "even --batch-size 8 does not fit")
-    raise UserError(f"--gpu-memory {gpu_memory_gib:g}: predicted peak {peak / GIB:.2f} GiB "
-                    f"even with --activation-checkpointing; {advice} (python -m train --plan)")
+    raise UserError(f"--gpu-memory {gpu_memory_gib:g}: no checkpointing or accumulation "
+                    f"makes the step fit; {advice} (python -m train --plan)")
 
 
 def format_report(report: dict[str, Any]) -> str:
