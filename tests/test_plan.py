@@ -10,7 +10,7 @@ import torch
 
 from model.backbones import get_model
 from model.memory import saved_tensor_bytes
-from tests.conftest import run_module
+from tests.helpers import run_module
 from train.config import DEFAULTS
 from train.plan import predict
 
