@@ -182,7 +182,7 @@ class AttFCHead(nn.Module):
         # order), or the GCCs to push at its end (official order); None between steps.
         self._staged: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self._forwards = 0  # micro-batches of this step seen so far
+        self._forwards = 0  # micro-batches of the staged step trained so far
 
     @property
     def stages_features(self) -> bool:
@@ -256,9 +256,10 @@ class AttFCHead(nn.Module):
         with torch.no_grad():
             if self._staged:  # an accumulated step in the paper's order
                 if self._forwards == 0:  # the whole batch's GCCs, before the first loss
-                    self._push(torch.cat([own for _, own, _ in self._staged]),
-                               torch.cat([labels for _, _, labels in self._staged]))
+                    self._push(torch.cat([gccs for _, gccs, _ in self._staged]),
+                               torch.cat([staged for _, _, staged in self._staged]))
                 K, own, _ = self._staged[self._forwards]
+                self._forwards += 1
                 _, alpha = generate_gcc(f_unit, K, self.strategy)
             else:
                 K = self.encode_classes(class_images)
@@ -267,7 +268,6 @@ class AttFCHead(nn.Module):
                 if paper_order:
                     self._push(own, labels)
             class_cos = F.cosine_similarity(f_unit[:, None, :], K, dim=-1)
-        self._forwards += 1
         positive_cos = (f_unit * own.to(f_unit.dtype)).sum(dim=1)
         loss, masked = masked_dcc_cross_entropy(
             f_unit, self.margin(positive_cos, norms), self.dcc.centers, self.dcc.labels, labels,
