@@ -209,7 +209,14 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.accumulate > 1 and "official" in args.heads:
+        parser.error("--accumulate: the official head has no micro-batch hooks; leave it out "
+                     "of --heads")
+    if args.batch_size % args.accumulate:
+        parser.error(f"--accumulate {args.accumulate}: --batch-size {args.batch_size} is not "
+                     "a multiple of it")
     setup_logging(args.verbose)
     args.device = resolve_device(args.device)
     config = SimpleNamespace(**vars(args))

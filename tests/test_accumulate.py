@@ -158,3 +158,10 @@ def test_micro_batches_split_every_field_and_refuse_an_uneven_split():
 def test_an_impossible_accumulation_is_one_line(run_cli, tmp_path, args, needles):
     done = run_cli("train", "--shards", tmp_path, "--output", tmp_path / "run", *args)
     assert_one_line_error(done, *needles)
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--heads", "official", "--accumulate", "2"], "the official head has no micro-batch"),
+    (["--heads", "attfc", "--batch-size", "6", "--accumulate", "4"], "--batch-size 6")])
+def test_the_step_bench_refuses_an_impossible_accumulation(run_cli, args, needle):
+    assert_one_line_error(run_cli("bench.train_step", "--device", "cpu", *args), needle)
