@@ -14,7 +14,7 @@ import psutil
 import pytest
 import torch
 
-from data_engine.loading.loader import build_loader
+from data_engine.loading.loader import build_loader, slot_count
 from data_engine.loading.torch_backend import CudaCallError, checked_cuda_call
 from tests.test_loader import K, _collect
 
@@ -206,7 +206,7 @@ def test_cuda_n_copies_are_tracked_on_that_gpu(face_shards: Path,
     reader = ShardReader(face_shards)
     plan = EpochPlan(reader.identity_start, 4, K, seed=0)
     batches = torch_backend.TorchBatches(ImageSource(face_shards, 112, False, reader),
-                                         device="cuda:1", workers=1)
+                                         device="cuda:1", workers=1, slots=slot_count(1))
     batches.start(plan)  # pinned from the main thread, as train does
     seen = []
     prefetch = threading.Thread(target=lambda: seen.extend(

@@ -26,10 +26,11 @@ from torch.utils._pytree import tree_flatten
 from common.errors import UserError
 from data_engine.loading.batch import Batch
 from model.backbones import get_model
-from model.heads import build_head
+from model.heads import build_head, head_class
 from model.margins import build_margin
 from model.memory import saved_tensor_bytes
 from train.config import margin_args, network_args
+from train.host_memory import IMAGE_BYTES, host_memory
 from train.step import TrainStep, make_optimizer
 
 GIB = 2**30
@@ -37,7 +38,6 @@ GIB = 2**30
 # docstring): fc gives the constant, attfc the class encoder's share.
 OVERHEAD_BYTES = 0.2268 * GIB
 CLASS_ENCODER_OVERHEAD = 0.6026
-IMAGE_BYTES = 3 * 112 * 112  # one uint8 RGB image as the loader ships it
 
 
 @dataclass(frozen=True)
@@ -239,7 +239,8 @@ def changes(config: dict[str, Any], fitted: dict[str, Any]) -> str:
 
 def plan_report(config: dict[str, Any], num_classes: int, gpu_memory_gib: float | None
                 ) -> dict[str, Any]:
-    """The ``--plan --json`` object: peak and components in GiB, fits, and a suggestion."""
+    """The ``--plan --json`` object: peak and components in GiB, fits, a suggestion, and the
+    data path's host memory."""
     plan = predict(config, num_classes)
     report: dict[str, Any] = {
         "network": config["network"], "head": config["head"], "num_classes": num_classes,
@@ -249,6 +250,12 @@ def plan_report(config: dict[str, Any], num_classes: int, gpu_memory_gib: float 
         "peak_gib": round(plan.peak / GIB, 2),
         "components": {name: round(value / GIB, 3) for name, value in plan.components.items()},
         "fits": None, "suggestion": None}
+    classes = config["k"] if head_class(config["head"]).needs_class_images else 0
+    host = host_memory(config, num_classes, config["batch_size"] * (1 + classes))
+    report["host"] = {"components": {name: round(value / GIB, 3)
+                                     for name, value in host["components"].items()},
+                      "total_gib": round(sum(host["components"].values()) / GIB, 2),
+                      "notes": host["notes"]}
     if gpu_memory_gib is None:
         return report
     budget = int(gpu_memory_gib * GIB)
@@ -294,6 +301,13 @@ def format_report(report: dict[str, Any]) -> str:
     for name, gib in report["components"].items():
         lines.append(f"  {name:<{width}}  {gib:8.3f} GiB")
     lines.append(f"  {'peak':<{width}}  {report['peak_gib']:8.2f} GiB")
+    host = report["host"]
+    lines.append("predicted host memory of the data path (per training process):")
+    width = max(map(len, host["components"]))
+    for name, gib in host["components"].items():
+        lines.append(f"  {name:<{width}}  {gib:8.3f} GiB")
+    lines.append(f"  {'total':<{width}}  {host['total_gib']:8.2f} GiB")
+    lines.extend(f"  ({note})" for note in host["notes"])
     if report["fits"] is not None:
         verdict = "fits" if report["fits"] else "does not fit"
         lines.append(f"{verdict} in {report['gpu_memory_gib']:g} GiB"

@@ -41,6 +41,13 @@ def default_workers(local_ranks: int = 1) -> int:
     return max(1, min(MAX_DEFAULT_WORKERS, usable_cores() // max(1, local_ranks)))
 
 
+def slot_count(workers: int) -> int:
+    """The torch backend's batch buffers (shared memory, pinned on CUDA) for ``workers``
+    processes: a step in flight per worker, the next two queued, and two held by the
+    caller (its batch and the one before)."""
+    return workers + 4
+
+
 class Loader:
     """Batches of one epoch from ``start_step``; iterate it again to replay the same steps.
 
@@ -75,7 +82,8 @@ class Loader:
             return DaliBatches(self.source, device=self.device, workers=self.workers)
         from data_engine.loading.torch_backend import TorchBatches
 
-        return TorchBatches(self.source, device=self.device, workers=self.workers)
+        return TorchBatches(self.source, device=self.device, workers=self.workers,
+                            slots=slot_count(self.workers))
 
     def _shares_with(self, other: Loader) -> bool:
         """Whether ``other`` (a later epoch) can use this loader's backend as it is."""

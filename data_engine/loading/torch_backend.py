@@ -161,11 +161,10 @@ def _shared_uint8(shape: tuple[int, ...]) -> torch.Tensor:
 class _Pool:
     """Worker processes, their task and result queues and the slot ring: one run's worth."""
 
-    def __init__(self, source: ImageSource, shape: tuple[int, ...], workers: int,
+    def __init__(self, source: ImageSource, shape: tuple[int, ...], workers: int, count: int,
                  gpu: torch.device | None) -> None:
         self.shape = shape
-        self.depth = workers + 2  # steps in flight: every worker busy, the next ones queued
-        count = self.depth + 2
+        self.depth = count - 2  # steps in flight; the other two slots are the caller's
         try:
             self.slots = [_Slot(shape) for _ in range(count)]
         except RuntimeError as error:  # torch's words for a full /dev/shm
@@ -239,10 +238,11 @@ class TorchBatches:
     """Yields :class:`Batch` objects for one epoch per :meth:`run`, from a pool kept across
     runs (every epoch of a training run) until :meth:`close`."""
 
-    def __init__(self, source: ImageSource, *, device: str, workers: int) -> None:
+    def __init__(self, source: ImageSource, *, device: str, workers: int, slots: int) -> None:
         self.source = source
         self.device = torch.device(device)
         self.workers = workers
+        self.slots = slots
         self._pool: _Pool | None = None
         self._passing = False  # a pass is under way: the pool serves one at a time
 
@@ -269,7 +269,7 @@ class TorchBatches:
             self.close()  # another batch shape: the slots do not fit
         if self._pool is None:
             gpu = self.device if self.device.type == "cuda" else None
-            self._pool = _Pool(self.source, shape, self.workers, gpu)
+            self._pool = _Pool(self.source, shape, self.workers, self.slots, gpu)
         return self._pool
 
     def run(self, plan: EpochPlan, start_step: int) -> Iterator[tuple[Batch, int]]:
