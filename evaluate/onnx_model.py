@@ -1,4 +1,4 @@
-"""ONNX recognition models (insightface's model zoo, ``python -m train.export``) on onnxruntime.
+"""ONNX recognition models (insightface's model zoo, ``python -m model.export``) on onnxruntime.
 
 A model takes float NCHW [N,3,112,112] RGB and returns one [N,D] embedding. Which pixel
 scale it expects is decided as insightface's ONNX loader decides it: models converted from

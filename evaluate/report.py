@@ -149,14 +149,21 @@ def plot_roc(record: RunRecord, out_dir: Path) -> Path | None:
     return path
 
 
-def w_size(config: dict[str, Any]) -> int | None:
-    """Class centres the head holds: N for fc and Partial FC, the DCC capacity S for AttFC."""
+def w_size(record: RunRecord) -> int | None:
+    """Class centres the head holds: N for fc and Partial FC, the DCC capacity S for AttFC.
+
+    S is a multiple of the global batch (every rank's w⁺ enter the one container), which the
+    training records carry; ``batch_size`` in config.toml is per GPU.
+    """
+    config = record.config
     try:
         num_classes = read_manifest(config.get("shards", ""))["num_identities"]
     except UserError:  # shards moved or deleted since training: the size is unknown
         return None
     if config.get("head") == "attfc":
-        return dcc_capacity(num_classes, config["sample_rate"], config["batch_size"])
+        batches = [row["global_batch"] for row in record.train_rows if "global_batch" in row]
+        batch = batches[-1] if batches else config["batch_size"]
+        return dcc_capacity(num_classes, config["sample_rate"], batch)
     return num_classes
 
 
@@ -173,7 +180,7 @@ def results_table(record: RunRecord) -> str:
     """The paper's table: verification sets, IJB-B/C TAR@FAR=1e-4, W-size, memory, speed."""
     config = record.config
     head = config.get("head", "?")
-    size = w_size(config)
+    size = w_size(record)
     cells = [f"{head} ({config.get('network', '?')})", f"{size:,}" if size else "–"]
     for name in VERIFICATION_SETS:
         evaluated = record.evaluations.get(name, {}).get("accuracy_mean")

@@ -8,6 +8,7 @@ ENTRY_POINTS = {
     "data_engine.shard": ["--src", "folder", "--root", "{missing}", "--out", "{tmp}/o"],
     "train": ["--shards", "{missing}", "--output", "{tmp}/run"],
     "evaluate": ["ijbc", "--root", "{missing}", "--features", "{tmp}/f.npy"],
+    "model.export": ["{missing}", "--onnx", "{tmp}/m.onnx"],
 }
 
 

@@ -18,10 +18,10 @@ from evaluate import knn
 from evaluate.centres import identity_centres
 from evaluate.duplicates import Cut, duplicate_pairs, neighbours, pair_truth, robust_cut
 from evaluate.features import load_embedder
+from model.export import export_onnx
 from model.heads import build_head
 from model.margins import build_margin
 from tests.helpers import assert_one_line_error
-from train.export import export_onnx
 from train.step import TrainStep, make_optimizer
 
 

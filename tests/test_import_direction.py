@@ -1,8 +1,8 @@
 """The layout stays as designed: imports point downstream and never close a circle.
 
 Every import counts, also those inside functions. The rules are ARCHITECTURE.md's:
-package layers, writing and loading kept apart inside data_engine, and the decode backends
-imported by the loader alone.
+package layers, train importing evaluate only to validate, writing and loading kept apart
+inside data_engine, and the decode backends imported by the loader alone.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ ALLOWED = {
     "evaluate": {"common", "synthetic", "data_engine", "model"},
     "train": {"common", "data_engine", "model", "evaluate"},
 }
+# Package edges that only some modules may use: train validates with evaluate's protocol,
+# and needs nothing else of it (weights loading and export live in model).
+ONLY_FROM = {("train", "evaluate"): {"train.validate"}}
 BACKENDS = {"data_engine.loading.torch_backend", "data_engine.loading.dali_backend"}
 
 
@@ -64,6 +67,10 @@ def violations(root: Path) -> list[str]:
             if target_package != package and target_package not in ALLOWED[package]:
                 found.append(f"{source} imports {target}: {package} may not import "
                              f"{target_package}")
+            only = ONLY_FROM.get((package, target_package))
+            if only is not None and source not in only:
+                found.append(f"{source} imports {target}: only {', '.join(sorted(only))} "
+                             f"of {package} imports {target_package}")
             for side, other in (("writing", "loading"), ("loading", "writing")):
                 if (source.startswith(f"data_engine.{side}")
                         and target.startswith(f"data_engine.{other}")):
@@ -125,3 +132,11 @@ def test_a_circle_and_a_backend_import_fail(tmp_path: Path) -> None:
             "loader imports backends") in found
     assert any(line.startswith("circle: data_engine.loading.batch -> "
                                "data_engine.loading.torch_backend") for line in found), found
+
+
+def test_train_imports_evaluate_only_to_validate(tmp_path: Path) -> None:
+    root = _copy_packages(tmp_path)
+    loop = root / "train" / "loop.py"
+    loop.write_text(loop.read_text() + "\nfrom evaluate.features import load_embedder\n")
+    assert violations(root) == ["train.loop imports evaluate.features: only train.validate of "
+                                "train imports evaluate"]

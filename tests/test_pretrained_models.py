@@ -24,7 +24,7 @@ from tests.helpers import (
     tiny_train_args,
 )
 
-# the tests export small models with torch's TorchScript exporter, as train.export does
+# the tests export small models with torch's TorchScript exporter, as model.export does
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 TINY = tiny_train_args(batch_size=8, gamma=0.9)
@@ -57,10 +57,10 @@ def reference(run, synth_ijb):
 
 @pytest.fixture(scope="module")
 def exports(run):
-    """``python -m train.export`` of the run, with a dynamic and a fixed batch of 1."""
+    """``python -m model.export`` of the run, with a dynamic and a fixed batch of 1."""
     paths = {"dynamic": run / "dynamic.onnx", "batch1": run / "batch1.onnx"}
-    assert_ok(run_module("train.export", run / "model.pt", "--onnx", paths["dynamic"], timeout=120))
-    assert_ok(run_module("train.export", run / "model.pt", "--onnx", paths["batch1"],
+    assert_ok(run_module("model.export", run / "model.pt", "--onnx", paths["dynamic"], timeout=120))
+    assert_ok(run_module("model.export", run / "model.pt", "--onnx", paths["batch1"],
                          "--fixed-batch", "1", timeout=120))
     return paths
 
@@ -90,7 +90,7 @@ def test_fixed_batch_pads_the_last_batch(run, exports, tmp_path):
     from evaluate.onnx_model import OnnxEmbedder
 
     path = tmp_path / "batch5.onnx"
-    assert_ok(run_module("train.export", run / "model.pt", "--onnx", path, "--fixed-batch", "5",
+    assert_ok(run_module("model.export", run / "model.pt", "--onnx", path, "--fixed-batch", "5",
                          timeout=120))
     images = np.random.default_rng(0).integers(0, 256, (7, 3, 112, 112), dtype=np.uint8)
     fixed = OnnxEmbedder(path, device="cpu")
@@ -102,7 +102,7 @@ def test_fixed_batch_pads_the_last_batch(run, exports, tmp_path):
 def _raw_pixel_onnx(run, path):
     """An mxnet-converted style model: (x - 127.5) * (1/127.5) inside the graph, the first
     nodes named as mxnet's converter names them, so it takes raw 0-255 pixels."""
-    from evaluate.features import load_backbone
+    from model.weights import load_backbone
 
     backbone = load_backbone(run / "model.pt")
 
@@ -172,7 +172,7 @@ def test_arcface_torch_state_dict_loads_with_network(tmp_path):
                          "--out", out))
     assert json.loads(out.read_text())["num_pairs"] == 10
 
-    from evaluate.features import load_backbone
+    from model.weights import load_backbone
 
     x = torch.rand(2, 3, 112, 112) * 2 - 1
     with torch.inference_mode():
@@ -212,7 +212,7 @@ def test_insightface_routes_our_export_to_its_recognition_class(run, exports):
     from insightface.model_zoo import get_model
     from insightface.model_zoo.arcface_onnx import ArcFaceONNX
 
-    from evaluate.features import load_backbone
+    from model.weights import load_backbone
 
     model = get_model(str(exports["dynamic"]), providers=["CPUExecutionProvider"])
     assert isinstance(model, ArcFaceONNX) and model.taskname == "recognition"
@@ -230,7 +230,7 @@ def test_insightface_routes_our_export_to_its_recognition_class(run, exports):
 
 def test_init_starts_from_a_runs_model_and_resume_keeps_the_checkpoint(run, synthetic_shards,
                                                                        tmp_path):
-    from evaluate.features import load_backbone
+    from model.weights import load_backbone
     from train.__main__ import build_parser
     from train.config import resolve
     from train.loop import Trainer

@@ -9,7 +9,7 @@ import numpy as np
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _write_run(run, shards):
+def _write_run(run, shards, ranks=1):
     """A run directory with the files train and evaluate write, with known numbers."""
     shards.mkdir()
     (shards / "manifest.json").write_text(json.dumps({"num_identities": 2000}))
@@ -20,7 +20,8 @@ def _write_run(run, shards):
     rows = [{"step": s, "epoch": 0, "loss": 50.0 - s / 10, "lr": 0.1 * (1 - s / 300),
              "samples_per_s": 30.0 + s % 3, "images_per_s": 90.0, "attention_spread": 0.05,
              "spread_cos_mean": 0.3 + s / 1000, "spread_cos_median": 0.28 + s / 1000,
-             "masked_conflicts": 2.0, "mem_bytes": 2**30} for s in range(10, 301, 10)]
+             "masked_conflicts": 2.0, "mem_bytes": 2**30, "global_batch": 32 * ranks}
+            for s in range(10, 301, 10)]
     rows.insert(15, {"step": 150, "epoch": 0, "kind": "val", "synthetic_heldout": 0.70,
                      "mean": 0.70})
     rows.append({"step": 300, "epoch": 0, "kind": "val", "synthetic_heldout": 0.75,
@@ -56,6 +57,16 @@ def test_report_table_and_plots(run_cli, tmp_path):
         png = run / "report" / f"{name}.png"
         assert png.read_bytes()[:8] == PNG_MAGIC, name
         assert f"(report/{name}.png)" in report
+
+
+def test_w_size_of_a_multi_gpu_attfc_run_is_of_the_global_batch(tmp_path):
+    from evaluate.report import load_run, results_table
+
+    run = tmp_path / "run"
+    _write_run(run, tmp_path / "shards", ranks=4)  # --batch-size 32 on 4 GPUs
+    row = results_table(load_run(run)).splitlines()[-1]
+    # S = floor(0.3 * 2000 / 128) * 128 = 512 (the per-GPU batch would give 576)
+    assert row.split("|")[2].strip() == "512"
 
 
 def test_report_on_a_directory_without_metrics_is_one_line(run_cli, tmp_path):

@@ -64,7 +64,7 @@ def test_train_end_to_end_then_export(run_cli, synthetic_shards, verification_se
     assert len(list((run / "checkpoints").glob("step-*.pt"))) == 3  # --keep 3
 
     onnx = tmp_path / "model.onnx"
-    done = run_cli("train.export", run / "model.pt", "--onnx", onnx, timeout=120)
+    done = run_cli("model.export", run / "model.pt", "--onnx", onnx, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "matches PyTorch within" in done.stdout and onnx.stat().st_size > 0
 

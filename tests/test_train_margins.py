@@ -81,8 +81,9 @@ def test_noise_report_adds_the_feature_norm_after_magface(run_cli, tmp_path):
     import simplejpeg
 
     from data_engine.loading.reader import ShardReader
-    from evaluate.features import embed_batch, load_backbone
+    from evaluate.features import embed_batch
     from evaluate.noise import read_image_table
+    from model.weights import load_backbone
 
     shards, run = tmp_path / "shards", tmp_path / "run"
     done = run_cli("data_engine.shard", "--src", "synthetic", "--identities", "8",

@@ -134,7 +134,7 @@ def test_prefetcher_order_errors_and_early_exit():
 
 def test_onnx_export_matches_pytorch(tmp_path):
     from model.backbones import get_model
-    from train.export import export_onnx, max_difference
+    from model.export import export_onnx, max_difference
 
     torch.manual_seed(0)
     backbone = get_model("mbf", embedding_size=64)

@@ -35,10 +35,10 @@ from common.run_folder import BEST, CHECKPOINTS_DIR, MODEL, MODEL_INFO, VAL_KIND
 from data_engine import build_loader
 from data_engine.loading.integrity import check_shards
 from data_engine.loading.loader import Loader
-from evaluate.features import load_weights, read_state_dict
 from model.backbones import get_model
 from model.heads import build_head, head_class
 from model.margins import build_margin
+from model.weights import load_weights, read_state_dict
 from train.checkpoint import (
     RunParts,
     atomic_save,

@@ -1,4 +1,4 @@
-"""``python -m train.export RUN/model.pt --onnx out.onnx``: the feature encoder as ONNX.
+"""``python -m model.export RUN/model.pt --onnx out.onnx``: the feature encoder as ONNX.
 
 The ONNX model takes float [N,3,112,112] RGB scaled to [-1, 1] (as insightface's ONNX
 models do) with a dynamic batch size, or a fixed one with ``--fixed-batch N`` (for runtimes
@@ -20,9 +20,9 @@ from torch import nn
 
 from common.cli import ArgumentParser, existing_file, positive_int, run_cli, setup_logging
 from common.errors import UserError
-from evaluate.features import load_backbone
+from model.weights import load_backbone
 
-log = logging.getLogger("train.export")
+log = logging.getLogger("model.export")
 
 INPUT, OUTPUT = "input", "embedding"
 
@@ -67,7 +67,7 @@ def max_difference(backbone: nn.Module, path: Path, batch_sizes: Sequence[int] =
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m train.export", description=__doc__)
+    parser = ArgumentParser(prog="python -m model.export", description=__doc__)
     parser.add_argument("model", type=existing_file, help="RUN/model.pt (or RUN/best.pt)")
     parser.add_argument("--onnx", required=True, type=Path, help="ONNX file to write")
     parser.add_argument("--network", default=argparse.SUPPRESS,
@@ -99,4 +99,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_cli("train.export", main)
+    run_cli("model.export", main)
