@@ -33,6 +33,7 @@ from typing import Any
 from bench.replicate import Run, Size, _machine, _python, prepare_data, run_one
 from common.cli import ArgumentParser, run_cli, setup_logging
 from common.files import write_atomic
+from common.run_folder import DUPLICATES_DIR, NOISE_DIR
 from evaluate.duplicates import DEFAULT_Z
 
 SIZES = {
@@ -80,14 +81,14 @@ def clean(run_dir: Path, folder: Path, size: Size, exclude_share: float, z: floa
     _python("-m", "evaluate", "noise", str(run_dir), log=log)
     _python("-m", "evaluate", "duplicates", str(run_dir), "--device", device, "--workers", "0",
             "--z", str(z), log=log)
-    ranked = (run_dir / "noise" / "noise.tsv").read_text().splitlines()
+    ranked = (run_dir / NOISE_DIR / "noise.tsv").read_text().splitlines()
     cut = round(exclude_share * size.identities * size.images_per_identity)
     write_atomic(folder / "exclude.tsv", ("\n".join(ranked[:cut + 1]) + "\n").encode())
     _python("-m", "data_engine.shard", *_dataset_flags(size), "--out", str(folder / "shards"),
             "--exclude", str(folder / "exclude.tsv"), "--merge",
-            str(run_dir / "duplicates" / "duplicates.tsv"), log=log)
-    noise = json.loads((run_dir / "noise" / "noise.json").read_text())
-    duplicates = json.loads((run_dir / "duplicates" / "duplicates.json").read_text())
+            str(run_dir / DUPLICATES_DIR / "duplicates.tsv"), log=log)
+    noise = json.loads((run_dir / NOISE_DIR / "noise.json").read_text())
+    duplicates = json.loads((run_dir / DUPLICATES_DIR / "duplicates.json").read_text())
     planted = [line.split("\t")[-2] for line in ranked[1:cut + 1]]  # planted_mislabeled
     result = {"settings": settings, "excluded_photos": cut,
               "excluded_planted_mislabeled": sum(flag == "1" for flag in planted),
