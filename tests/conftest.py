@@ -4,13 +4,19 @@ checked unchanged when the session ends)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import SYNTHETIC_SHARDS, assert_ok, run_module, tree_bytes
 from tests.shard_helpers import FACE_COUNTS, face_tree, shard_folder
+
+# The in-process tests on one torch thread too, as module_env gives every CLI under test: on
+# two busy cores a second thread makes tiny steps several times slower, never faster.
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 
 @pytest.fixture

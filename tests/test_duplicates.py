@@ -131,7 +131,7 @@ def test_centres_are_exact_means_and_resume_after_a_kill(tmp_path, run_cli):
 
 
 def _train(shards, epochs: int) -> nn.Module:
-    """Real FC training steps (loader, CosFace, SGD) of a small encoder, single-threaded."""
+    """Real FC training steps (loader, CosFace, SGD) of a small encoder."""
     torch.manual_seed(0)
     encoder = _encoder()
     batch_size = 16
@@ -143,16 +143,11 @@ def _train(shards, epochs: int) -> nn.Module:
                                momentum=0.9, weight_decay=5e-4)
     step = TrainStep(encoder, head, optimizer, device="cpu", precision="fp32",
                      channels_last=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for epoch in range(epochs):
-            with build_loader(shards, batch_size, 0, seed=0, epoch=epoch, backend="torch",
-                              device="cpu", workers=0) as loader:
-                for batch in loader:
-                    step(batch, 0.1)
-    finally:
-        torch.set_num_threads(threads)
+    for epoch in range(epochs):
+        with build_loader(shards, batch_size, 0, seed=0, epoch=epoch, backend="torch",
+                          device="cpu", workers=0) as loader:
+            for batch in loader:
+                step(batch, 0.1)
     return encoder.eval()
 
 
