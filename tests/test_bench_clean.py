@@ -5,15 +5,13 @@ bench/knn_scale.py at toy sizes (exact vs HNSW numbers, the 2M extrapolation lab
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
-from tests.helpers import REPO
+from tests.helpers import run_module
 
 
 def _bench(name, *args):
-    return subprocess.run([sys.executable, "-m", f"bench.{name}", *map(str, args)],
-                          capture_output=True, text=True, timeout=1200, cwd=REPO)
+    """One thread per process, as every CLI under test (the bench's children inherit it)."""
+    return run_module(f"bench.{name}", *args, timeout=1200)
 
 
 def test_tiny_clean_and_retrain_loop(tmp_path):
