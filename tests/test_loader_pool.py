@@ -32,8 +32,9 @@ def _gone(pids: list[int], timeout: float = 10.0) -> bool:
 
 
 def test_workers_are_forked_once_per_run(face_shards: Path) -> None:
-    """Epoch 2 reuses epoch 1's worker processes, after epoch 1 was cut short mid-way, and
-    still yields exactly the batches of a fresh loader; close() leaves no process behind."""
+    """Epoch 2 reuses epoch 1's worker processes and shard index, after epoch 1 was cut short
+    mid-way, and still yields exactly the batches of a fresh loader; close() leaves no process
+    behind."""
     kwargs = dict(seed=5, backend="torch", device="cpu", workers=2)
     before = {child.pid for child in psutil.Process().children()}
     first = build_loader(face_shards, 4, K, epoch=0, **kwargs)
@@ -44,6 +45,8 @@ def test_workers_are_forked_once_per_run(face_shards: Path) -> None:
         if step == 3:
             break
     second = build_loader(face_shards, 4, K, epoch=1, reuse=first, **kwargs)
+    # one shard index in memory for the run, the pool's and the epoch's alike
+    assert second.source.reader is first.source.reader is second._impl.source.reader
     got = _collect(second)
     assert second._impl.worker_pids() == pids
     assert {c.pid for c in psutil.Process().children()} - before == set(pids)

@@ -177,7 +177,10 @@ def build_loader(shards_dir: str | Path, batch_size: int, k: int, *, seed: int, 
     ``rank``/``world_size``: this process's slice of every global batch of ``world_size ×
     batch_size`` samples (``len()`` counts global steps).
     """
-    reader = ShardReader(shards_dir)
+    if reuse is not None and reuse.source.shards_dir == Path(shards_dir):
+        reader = reuse.source.reader  # the index stays in memory once, not once per epoch
+    else:
+        reader = ShardReader(shards_dir)
     plan = EpochPlan(reader.identity_start, batch_size, k, seed=seed, epoch=epoch,
                      drop_last=drop_last, rank=rank, world_size=world_size)
     if not 0 <= start_step <= len(plan):
