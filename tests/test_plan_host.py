@@ -3,6 +3,7 @@ the arrays and buffers the loading code really allocates, on tiny shards."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,8 @@ def test_index_and_epoch_plan_are_the_readers_and_plans_arrays(synthetic_shards:
     held = [reader.identity_start, reader.image_shard, reader.image_offset,
             reader.image_bytes, reader.image_labels]
     assert predicted["shard_index"] == sum(array.nbytes for array in held)
+    names = [reader.identity_name(label) for label in range(reader.num_identities)]
+    assert predicted["identity_names"] == sum(8 + sys.getsizeof(name) for name in names)
     plan = EpochPlan(reader.identity_start, BATCH, K, seed=0)
     assert np.shares_memory(plan.identity_start, reader.identity_start)  # not counted twice
     assert predicted["epoch_plan"] == plan.order.nbytes + plan.labels.nbytes
@@ -54,6 +57,8 @@ def test_without_shards_the_counts_come_from_num_classes_and_are_stated() -> Non
     assert parts["epoch_plan"] == images * (4 + 4)
     assert parts["loader_slots"] == (3 + 4) * BATCH * IMAGE_BYTES
     assert parts["decode_worker_buffers"] == 3 * IMAGE_BYTES  # JPEG bytes unknown: left out
+    assert parts["identity_names"] == 0  # names unknown: left out, and said
+    assert "identity_names" in report["notes"][2]
     assert f"{IMAGES_PER_IDENTITY} images per identity (assumed)" in report["notes"][0]
 
 
@@ -63,8 +68,8 @@ def test_plan_report_has_a_host_section_in_json_and_text(synthetic_shards: Path)
               "shards": str(synthetic_shards), "workers": 1}
     report = plan_report(config, 10, None)
     host = report["host"]
-    assert set(host["components"]) == {"shard_index", "epoch_plan", "loader_slots",
-                                       "decode_worker_buffers"}
+    assert set(host["components"]) == {"shard_index", "identity_names", "epoch_plan",
+                                       "loader_slots", "decode_worker_buffers"}
     assert host["total_gib"] == round(sum(_host(**config).values()) / 2**30, 2)
     text = format_report(report)
     assert "predicted host memory" in text and "loader_slots" in text

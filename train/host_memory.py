@@ -1,5 +1,5 @@
-"""Host memory of a run's data path, for ``--plan``: the shard index, the epoch plan and the
-torch loader's batch buffers, sized as the loading code allocates them.
+"""Host memory of a run's data path, for ``--plan``: the shard index and identity names, the
+epoch plan and the torch loader's batch buffers, sized as the loading code allocates them.
 
 The index and plan arrays scale with the image count, which comes from the shards'
 manifest.json, or, planning before sharding, from ``--num-classes`` times an assumed
@@ -10,12 +10,13 @@ its pinned buffers inside its own pipeline, so they are not predicted.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from data_engine.layout import read_manifest
+from data_engine.layout import IDENTITIES, read_manifest
 from data_engine.loading.loader import default_workers, slot_count
 
 # MS1MV3's mean (5,179,510 images of 93,431 identities), assumed when no shards are named.
@@ -36,6 +37,7 @@ class Dataset(NamedTuple):
     identities: int
     images: int
     bytes_per_image: float | None  # shard bytes per image (JPEG plus its tar header)
+    name_chars: int | None  # characters of all identity names (identities.txt less newlines)
     counted_from: str
 
 
@@ -46,9 +48,11 @@ def dataset_size(config: dict[str, Any], num_classes: int) -> Dataset:
         manifest = read_manifest(Path(shards))
         images = int(manifest["num_images"])
         stored = sum(int(shard["bytes"]) for shard in manifest["shards"])
-        return Dataset(int(manifest["num_identities"]), images, stored / max(images, 1),
+        identities = int(manifest["num_identities"])
+        chars = Path(shards, IDENTITIES).stat().st_size - identities
+        return Dataset(identities, images, stored / max(images, 1), chars,
                        f"{shards}/manifest.json")
-    return Dataset(num_classes, num_classes * IMAGES_PER_IDENTITY, None,
+    return Dataset(num_classes, num_classes * IMAGES_PER_IDENTITY, None, None,
                    f"--num-classes x {IMAGES_PER_IDENTITY} images per identity (assumed)")
 
 
@@ -65,6 +69,9 @@ def host_memory(config: dict[str, Any], num_classes: int, images_per_step: int
     components = {
         "shard_index": ((data.identities + 1) * _INDEX_PER_IDENTITY
                         + data.images * _INDEX_PER_IMAGE),
+        # the reader's list of names: a pointer and a str object each (exact for ASCII)
+        "identity_names": (data.identities * (8 + sys.getsizeof("")) + data.name_chars
+                           if data.name_chars is not None else 0),
         # the order and labels; identity_start is the reader's array, not a copy
         "epoch_plan": data.images * (_id_itemsize(data.images)
                                      + _id_itemsize(data.identities)),
@@ -76,8 +83,8 @@ def host_memory(config: dict[str, Any], num_classes: int, images_per_step: int
              f"(pinned on CUDA) for {workers} decode workers"
              + ("" if config["workers"] else " (this machine's default --workers)")]
     if data.bytes_per_image is None:
-        notes.append("decode_worker_buffers: without shards, a step's JPEG bytes are unknown "
-                     "and left out")
+        notes.append("identity_names, decode_worker_buffers: without shards, the names' and a "
+                     "step's JPEG bytes are unknown and left out")
     if config["backend"] != "torch":
         notes.append("the DALI backend's pinned buffers are DALI's own and not predicted")
     return {"components": components, "notes": notes}
