@@ -37,6 +37,7 @@ import torch
 import torch.multiprocessing as mp
 
 from common.errors import UserError, first_line
+from common.worker_tasks import tasks_until_done
 from data_engine.loading.batch import Batch, batch_from_pixels
 from data_engine.loading.cpu_decode import decode_step
 from data_engine.loading.epoch_plan import EpochPlan, StepPlan
@@ -82,18 +83,8 @@ def _worker(source: ImageSource, slots: list[torch.Tensor], tasks: mp.Queue,
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    parent = os.getppid()
     arrays = [slot.numpy() for slot in slots]
-    while True:
-        try:
-            task = tasks.get(timeout=_POLL_S)
-        except queue.Empty:
-            if os.getppid() != parent:
-                return
-            continue
-        if task is None:
-            return
-        step, slot = task
+    for step, slot in tasks_until_done(tasks, _POLL_S):
         crashed = False
         try:
             replaced, error = decode_step(source, step, arrays[slot][:len(step.all_image_ids)])

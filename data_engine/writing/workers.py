@@ -12,8 +12,6 @@ keep what was finished.
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
-import queue
 import signal
 import traceback
 from collections import deque
@@ -22,6 +20,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from common.errors import UserError
+from common.worker_tasks import tasks_until_done
 
 _POLL_S = 0.5  # how often a waiting parent calls its tick and a waiting worker checks its parent
 _IDLE = -1
@@ -162,17 +161,7 @@ def _serve(slot: int, tasks: mp.Queue, results: Connection, lock: Any, doing: An
            initializer: Callable[..., None], initargs: tuple) -> None:
     """Run tasks until a None arrives; exit if the parent died (nobody would read)."""
     initializer(*initargs)
-    parent = os.getppid()
-    while True:
-        try:
-            task = tasks.get(timeout=_POLL_S)
-        except queue.Empty:
-            if os.getppid() != parent:
-                return
-            continue
-        if task is None:
-            return
-        index, function, item = task
+    for index, function, item in tasks_until_done(tasks, _POLL_S):
         doing[slot] = index
         try:
             outcome = (index, True, function(item), "")
