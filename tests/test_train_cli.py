@@ -122,13 +122,16 @@ def test_accumulated_resume_is_exact(run_cli, synthetic_shards, tmp_path):
 
 def test_gpu_memory_turns_on_activation_checkpointing(run_cli, synthetic_shards, tmp_path):
     """The planner predicts about 0.36 GiB for this step and 0.30 with checkpointing: with
-    --gpu-memory 0.33 training turns it on (config.toml keeps the choice); with 0.1 nothing
-    fits, not even with --accumulate, and the run stops before it starts, in one line."""
+    --gpu-memory 0.33 training turns it on (config.toml and metrics.jsonl keep the choice);
+    with 0.1 nothing fits, not even with --accumulate, and the run stops before it starts,
+    in one line."""
     run, refused = tmp_path / "run", tmp_path / "refused"
     common = ["--shards", synthetic_shards, *TINY, "--max-steps", "1"]
     done = run_cli("train", *common, "--output", run, "--gpu-memory", "0.33", timeout=300)
     assert done.returncode == 0, done.stderr
     assert "activation_checkpointing = true" in (run / "config.toml").read_text()
+    record, = read_metrics(run)
+    assert record["activation_checkpointing"] is True and record["micro_batches"] == 1
     result = run_cli("train", *common, "--output", refused, "--gpu-memory", "0.1", timeout=300)
     assert_one_line_error(result, "--gpu-memory 0.1: no checkpointing or accumulation "
                           "makes the step fit")

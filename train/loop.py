@@ -398,6 +398,9 @@ class Trainer:
             "nonfinite_total": int(self.train_step.nonfinite_total),
             "mem_bytes": peak_memory_bytes(self.device),
             "global_batch": self.global_batch,
+            # What --gpu-memory (or the flags) chose, beside the figures it shapes.
+            "micro_batches": self.config["accumulate"],
+            "activation_checkpointing": self.config["activation_checkpointing"],
         }
         self.metrics.write(record)
         self.progress.set_postfix(postfix(record, self.config["epochs"]))
