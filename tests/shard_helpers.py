@@ -96,6 +96,15 @@ def shard_folder(tree: Path, out: Path, *extra: str) -> Path:
     return out
 
 
+def shard_synthetic(out: Path, *extra: str, identities: int, seed: int) -> Path:
+    """``python -m data_engine.shard --src synthetic`` (3 photos per identity, 16 KiB
+    shards) into ``out``."""
+    assert_ok(run_module("data_engine.shard", "--src", "synthetic", "--identities", identities,
+                         "--images-per-identity", "3", "--seed", seed, "--out", out,
+                         "--workers", "1", "--shard-size", "16k", *extra, timeout=120))
+    return out
+
+
 def write_recordio(root: Path, records: list[tuple[int, float | list[float], bytes]]) -> None:
     """train.rec/train.idx from (key, label or label list, payload), written from the format
     description (magic, length word, IfQQ header, float labels, 4-byte padding)."""

@@ -4,31 +4,25 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 
 from synthetic.faces import encode_jpeg, identity_name, render_face
 from tests.helpers import assert_one_line_error
-from tests.shard_helpers import one_line_error, output_bytes, read_back
+from tests.shard_helpers import one_line_error, output_bytes, read_back, shard_synthetic
 
 MODULE = "data_engine.shard"
+_shard = partial(shard_synthetic, identities=8, seed=2)
 
 
-def _shard(run_cli, out, *extra):
-    result = run_cli(MODULE, "--src", "synthetic", "--identities", "8",
-                     "--images-per-identity", "3", "--seed", "2", "--out", out,
-                     "--workers", "1", "--shard-size", "16k", *extra)
-    assert result.returncode == 0, result.stderr
-    return out
-
-
-def test_merged_and_excluded_identities_round_trip(tmp_path, run_cli):
+def test_merged_and_excluded_identities_round_trip(tmp_path):
     merge = tmp_path / "duplicates.tsv"
     merge.write_text("name_a\tname_b\tcosine\n# a comment\n"
                      "synth_0000005\tsynth_0000001\t0.98\n"
                      "synth_0000006\tsynth_0000005\t0.97\n")  # a chain: one group of three
     exclude = tmp_path / "overlap.tsv"
     exclude.write_text("identity\tcosine\nsynth_0000003\t0.9\n")
-    plain = _shard(run_cli, tmp_path / "plain")
-    out = _shard(run_cli, tmp_path / "merged", "--merge", merge, "--exclude", exclude)
+    plain = _shard(tmp_path / "plain")
+    out = _shard(tmp_path / "merged", "--merge", merge, "--exclude", exclude)
     samples = read_back(out)
     names = [json.loads(sample["json"])["identity"] for sample in samples.values()]
     assert names == [identity_name(i) for i in (0, 1, 2, 4, 7)]  # labels 0..4 in name order
@@ -51,16 +45,16 @@ def test_merged_and_excluded_identities_round_trip(tmp_path, run_cli):
     assert rejected[1:] == [f"synthetic:synth_0000003/000{j}.jpg\texcluded identity"
                             for j in range(3)]
     before = output_bytes(out)
-    _shard(run_cli, out, "--merge", merge, "--exclude", exclude)  # the same job: kept as is
+    _shard(out, "--merge", merge, "--exclude", exclude)  # the same job: kept as is
     assert output_bytes(out) == before
 
 
-def test_the_same_pairs_in_another_order_are_the_same_dataset(tmp_path, run_cli):
+def test_the_same_pairs_in_another_order_are_the_same_dataset(tmp_path):
     first, second = tmp_path / "a.tsv", tmp_path / "b.tsv"
     first.write_text("synth_0000002\tsynth_0000004\nsynth_0000000\tsynth_0000007\n")
     second.write_text("synth_0000007\tsynth_0000000\nsynth_0000004\tsynth_0000002\n")
-    a = _shard(run_cli, tmp_path / "a", "--merge", first)
-    b = _shard(run_cli, tmp_path / "b", "--merge", second)
+    a = _shard(tmp_path / "a", "--merge", first)
+    b = _shard(tmp_path / "b", "--merge", second)
     assert output_bytes(a) == output_bytes(b)
 
 

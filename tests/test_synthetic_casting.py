@@ -4,14 +4,16 @@ name shows, recorded per image in the shards, and the plain dataset unchanged wi
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 
 from synthetic.casting import Casting
 from synthetic.faces import encode_jpeg, identity_name, render_face
-from tests.shard_helpers import one_line_error, output_bytes, read_back
+from tests.shard_helpers import one_line_error, output_bytes, read_back, shard_synthetic
 
 MODULE = "data_engine.shard"
+_shard = partial(shard_synthetic, identities=10, seed=4)
 
 
 def test_plain_casting_shows_every_name_its_own_person_in_its_own_photos():
@@ -50,16 +52,9 @@ def test_mislabeled_photo_of_the_same_person_under_a_duplicate_name_is_not_misla
             assert mislabeled == (person != casting.person(i))
 
 
-def _shard(run_cli, out, *extra):
-    result = run_cli(MODULE, "--src", "synthetic", "--identities", "10",
-                     "--images-per-identity", "3", "--seed", "4", "--out", out,
-                     "--workers", "1", "--shard-size", "16k", *extra)
-    assert result.returncode == 0, result.stderr
-    return out
 
-
-def test_shards_record_who_each_photo_shows(tmp_path, run_cli):
-    out = _shard(run_cli, tmp_path / "planted", "--duplicate-share", "0.4",
+def test_shards_record_who_each_photo_shows(tmp_path):
+    out = _shard(tmp_path / "planted", "--duplicate-share", "0.4",
                  "--plant-benchmark", "2", "--benchmark-first-identity", "300")
     casting = Casting(identities=10, seed=4, duplicate_share=0.4, benchmark_people=2,
                       benchmark_first=300)
@@ -81,9 +76,9 @@ def test_shards_record_who_each_photo_shows(tmp_path, run_cli):
     assert source["benchmark_first"] == 300
 
 
-def test_zero_planting_is_the_plain_dataset_byte_for_byte(tmp_path, run_cli):
-    plain = _shard(run_cli, tmp_path / "plain")
-    zero = _shard(run_cli, tmp_path / "zero", "--duplicate-share", "0", "--plant-benchmark", "0")
+def test_zero_planting_is_the_plain_dataset_byte_for_byte(tmp_path):
+    plain = _shard(tmp_path / "plain")
+    zero = _shard(tmp_path / "zero", "--duplicate-share", "0", "--plant-benchmark", "0")
     assert output_bytes(plain) == output_bytes(zero)
 
 
