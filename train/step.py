@@ -57,6 +57,11 @@ class BufferRollback:
         for buffers, (_, saved), _ in self.groups:
             torch._foreach_copy_(saved, buffers)
 
+    def restore(self) -> None:
+        """Put back what :meth:`save` took, whatever happened since."""
+        for buffers, (_, saved), _ in self.groups:
+            torch._foreach_copy_(buffers, saved)
+
     def restore_unless(self, finite: torch.Tensor) -> None:
         """Keep the step's buffers where ``finite`` (a device bool), else the saved ones."""
         for buffers, (saved_flat, _), (now_flat, now) in self.groups:
@@ -227,15 +232,13 @@ class TrainStep:
     def _stage(self, parts: list[Any], poison: bool) -> None:
         """The features of every micro-batch for the head, without gradient, before any
         loss; BatchNorm uses each micro-batch's statistics as the training forward will,
-        and its running statistics are put back (the training forwards update them)."""
-        buffers = list(self.backbone.buffers())
-        saved = [b.clone() for b in buffers]
+        and its running statistics are put back as the step's start saved them (the
+        training forwards update them)."""
         for part in parts:
             images, class_images = self._inputs(part, poison)
             with self._autocast():
                 self.head.stage(self.backbone(images), part.labels, class_images)
-        if buffers:
-            torch._foreach_copy_(buffers, saved)
+        self.buffers.restore()
 
     def _no_sync(self) -> contextlib.AbstractContextManager:
         """DDP: keep this backward's gradients local (the last micro-batch's all-reduces)."""
