@@ -20,6 +20,13 @@ interrupted one from its checkpoint and reuses the shards and benchmarks.
     python -m bench.replicate --out runs/replicate            # the full sweep (CPU)
     python -m bench.replicate --out /tmp/rep --size tiny      # seconds: the test suite's
 
+Learning rate (``--lr-rule``): ``demo`` (the default, and every table in BENCHMARKS.md unless
+it says otherwise) trains at lr 0.1 whatever the batch, as the CPU demo does: at B = 16 that
+is 24x the paper's lr per sample (0.1 at B = 384). ``paper`` scales the paper's lr per sample
+to the miniature's batch (0.1 * B / 384) and warms it up linearly over the first
+``PAPER_WARMUP_EPOCHS`` of the budget; use another ``--out`` for it, since a run folder
+remembers the flags it was trained with.
+
 The last line printed is one JSON object (the tables' numbers and the machine).
 """
 
@@ -56,6 +63,9 @@ TINY_MBF = '{"blocks": [1, 1, 1, 1], "scale": 1}'
 IJB_FIRST_IDENTITY = 200_000  # held-out people: far beyond any training identity
 BIN_FIRST_IDENTITY = 300_000
 FARS = ("0.001", "0.0001")
+PAPER_LR, PAPER_BATCH = 0.1, 384  # the paper's setting: lr 0.1 at batch 384
+PAPER_WARMUP_EPOCHS = 0.2
+LR_RULES = ("demo", "paper")
 
 
 @dataclass(frozen=True)
@@ -163,21 +173,30 @@ def prepare_data(out: Path, size: Size) -> dict[str, Path]:
     return paths
 
 
-def train_flags(size: Size, device: str) -> tuple[str, ...]:
+def lr_flags(size: Size, lr_rule: str) -> tuple[str, ...]:
+    """``demo``: none (train's lr 0.1 at any batch); ``paper``: the paper's lr per sample
+    at this batch, with a linear warm-up."""
+    if lr_rule == "demo":
+        return ()
+    lr = PAPER_LR * size.batch_size / PAPER_BATCH
+    return ("--lr", f"{lr:.6g}", "--warmup-epochs", str(PAPER_WARMUP_EPOCHS))
+
+
+def train_flags(size: Size, device: str, lr_rule: str = "demo") -> tuple[str, ...]:
     """The budget every run shares (a slim MobileFaceNet, as the CPU demo trains)."""
     return ("--network", "mbf", "--network-args", TINY_MBF, "--embedding-size", "128",
             "--batch-size", str(size.batch_size), "--epochs", str(size.epochs),
             "--gamma", "0.99", "--val", "none", "--log-every", "5", "--ckpt-every", "25",
-            "--keep", "1", "--no-tensorboard", "--device", device)
+            "--keep", "1", "--no-tensorboard", "--device", device, *lr_flags(size, lr_rule))
 
 
-def run_one(run: Run, out: Path, data: dict[str, Path], size: Size, device: str
-            ) -> dict[str, Any]:
+def run_one(run: Run, out: Path, data: dict[str, Path], size: Size, device: str,
+            lr_rule: str = "demo") -> dict[str, Any]:
     """Train (or resume) and evaluate one run; RUN/result.json marks it finished."""
     run_dir = out / "runs" / run.name
     result_path = run_dir / "result.json"
-    spec = {"flags": list(run.flags), "seed": run.seed, "shared": list(train_flags(size,
-                                                                                  device))}
+    shared = train_flags(size, device, lr_rule)
+    spec = {"flags": list(run.flags), "seed": run.seed, "shared": list(shared)}
     if result_path.is_file():
         result = json.loads(result_path.read_text())
         if result.get("spec") == spec:
@@ -194,7 +213,7 @@ def run_one(run: Run, out: Path, data: dict[str, Path], size: Size, device: str
         run_dir.mkdir(parents=True)
         print(f"replicate: {run.name}: training", flush=True)
         _python("-m", "train", "--shards", str(data["shards"]), "--output", str(run_dir),
-                *train_flags(size, device), *run.flags, "--seed", str(run.seed), log=log)
+                *shared, *run.flags, "--seed", str(run.seed), log=log)
     train_s = time.perf_counter() - started
     result = {"name": run.name, "spec": spec, **run.facts, "seed": run.seed,
               "train_wall_s": train_s, **_train_numbers(run_dir),
@@ -369,6 +388,10 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--size", choices=tuple(SIZES), default="full",
                         help="full: the sweep; tiny: two runs in seconds (tests)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    parser.add_argument("--lr-rule", choices=LR_RULES, default="demo",
+                        help="demo: lr 0.1 at any batch (the recorded tables); paper: the "
+                             "paper's lr per sample (0.1 at B = 384) scaled to this batch, "
+                             f"with {PAPER_WARMUP_EPOCHS} epochs of linear warm-up")
     parser.add_argument("--only", nargs="+", metavar="RUN",
                         help="train only these runs (names as in OUT/runs/); tables use "
                              "every finished run")
@@ -387,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     data = prepare_data(out, size)
     results: dict[str, dict[str, Any]] = {}
     for i, run in enumerate(runs, 1):
-        results[run.name] = run_one(run, out, data, size, args.device)
+        results[run.name] = run_one(run, out, data, size, args.device, args.lr_rule)
         r = results[run.name]
         print(f"replicate: [{i}/{len(runs)}] {run.name}: acc {_pct(r['accuracy'])} %, "
               f"TAR@1e-3 {_pct(r['tar@0.001'])} %, TAR@1e-4 {_pct(r['tar@0.0001'])} %, "
@@ -412,12 +435,15 @@ def write_tables(out: Path, results: dict[str, dict[str, Any]], size: Size,
         results.setdefault(result["name"], result)
     text, tables = build_tables(results, size.seeds)
     machine = _machine()
+    lr = lr_flags(size, args.lr_rule)
+    lr_text = f"lr {lr[1]}, {lr[3]} epochs warm-up" if lr else "lr 0.1"
     header = (f"python -m bench.replicate --out {out} --size {args.size} --device "
-              f"{args.device}\n\n{machine['date']}, commit {machine['commit']}, "
+              f"{args.device} --lr-rule {args.lr_rule}\n\n"
+              f"{machine['date']}, commit {machine['commit']}, "
               f"{machine['cpu']} ({machine['cores']} cores), torch {machine['torch']}; "
               f"{size.identities} identities x {size.images_per_identity} photos "
               f"({100 * size.mislabeled_share:.0f} % mislabeled), batch {size.batch_size}, "
-              f"{size.epochs} epoch(s), slim mbf D=128\n\n")
+              f"{size.epochs} epoch(s), slim mbf D=128, {lr_text}\n\n")
     write_atomic(out / "tables.md", (header + text).encode())
     tables = {"machine": machine, "size": args.size, **tables}
     write_atomic(out / "tables.json", (json.dumps(tables, indent=1) + "\n").encode())

@@ -164,3 +164,22 @@ def test_the_sweep_has_an_adaface_row():
     runs = {run.name: run for run in sweep((0, 1, 2))}
     assert runs["attfc-adaface"].flags[-2:] == ("--margin", "adaface")
     assert runs["attfc-adaface"].facts["head"] == "attfc" and len(runs) == 19
+
+
+def test_the_paper_lr_rule_is_the_papers_lr_per_sample_with_warmup(tmp_path):
+    """0.1 at B = 384 is 0.1 * 16 / 384 at the miniature's B = 16, and train's own parser
+    takes the flags; the demo rule adds none, so folders trained before the rule existed
+    still match their recorded spec."""
+    from bench.replicate import SIZES, train_flags
+    from common.cli import ArgumentParser
+    from train.config import add_options, resolve
+
+    size = SIZES["full"]
+    assert train_flags(size, "cpu") == train_flags(size, "cpu", "demo")
+    assert "--lr" not in train_flags(size, "cpu")
+    parser = ArgumentParser()
+    add_options(parser)
+    shared = train_flags(size, "cpu", "paper")
+    config = resolve(parser.parse_args(["--shards", str(tmp_path), *shared]))
+    assert config["lr"] == pytest.approx(0.1 * 16 / 384, rel=1e-5)
+    assert config["warmup_epochs"] == 0.2 and config["batch_size"] == 16
