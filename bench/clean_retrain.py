@@ -18,6 +18,9 @@ command skips finished steps.
     python -m bench.clean_retrain --out runs/clean --seeds 0 1 2     # the measured loop
     python -m bench.clean_retrain --out /tmp/clean --size tiny       # the test suite's
 
+``--lr-rule`` is ``bench.replicate``'s: ``demo`` (lr 0.1 at B = 16) or ``paper`` (the paper's
+lr per sample at this batch, with warm-up).
+
 The last line printed is one JSON object (the table's numbers and the machine).
 """
 
@@ -30,7 +33,7 @@ from pathlib import Path
 from statistics import mean, pstdev
 from typing import Any
 
-from bench.replicate import Run, Size, _machine, _python, prepare_data, run_one
+from bench.replicate import LR_RULES, Run, Size, _machine, _python, prepare_data, run_one
 from common.cli import ArgumentParser, run_cli, setup_logging
 from common.files import write_atomic
 from common.run_folder import DUPLICATES_DIR, NOISE_DIR
@@ -146,6 +149,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--z", type=float, default=DEFAULT_Z,
                         help="the duplicates report's cut (robust z of the closeness)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--lr-rule", choices=LR_RULES, default="demo",
+                        help="as bench.replicate's: demo (lr 0.1 at any batch) or paper")
     return parser
 
 
@@ -158,15 +163,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = prepare(out, size)
     rows = []
     for seed in seeds:
-        before = run_one(Run(f"before-s{seed}", HEAD, seed), out, data, size, args.device)
+        before = run_one(Run(f"before-s{seed}", HEAD, seed), out, data, size, args.device,
+                         args.lr_rule)
         cleaning = clean(out / "runs" / f"before-s{seed}", out / f"clean-s{seed}", size,
                          args.exclude_share, args.z, args.device)
         after = run_one(Run(f"after-s{seed}", HEAD, seed), out,
-                        {**data, "shards": out / f"clean-s{seed}" / "shards"}, size, args.device)
+                        {**data, "shards": out / f"clean-s{seed}" / "shards"}, size, args.device,
+                        args.lr_rule)
         rows.append({"seed": seed, "before": before, "after": after, "cleaning": cleaning})
     command = (f"python -m bench.clean_retrain --out {args.out} --size {args.size} --seeds "
                f"{' '.join(map(str, seeds))} --exclude-share {args.exclude_share} --z {args.z} "
-               f"--device {args.device}")
+               f"--device {args.device} --lr-rule {args.lr_rule}")
     result = write_report(out, rows, command)
     print(table(rows))
     print(json.dumps({"machine": result["machine"], "command": command, "seeds": list(seeds),

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from common.run_folder import read_config
 from tests.helpers import run_module
 
 
@@ -16,10 +19,14 @@ def _bench(name, *args):
 
 def test_tiny_clean_and_retrain_loop(tmp_path):
     out = tmp_path / "clean"
-    done = _bench("clean_retrain", "--out", out, "--size", "tiny")
+    done = _bench("clean_retrain", "--out", out, "--size", "tiny", "--lr-rule", "paper")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["seeds"] == [0] and "--exclude-share 0.1" in summary["command"]
+    for when in ("before", "after"):  # the paper's lr per sample at the tiny B = 8
+        config = read_config(out / "runs" / f"{when}-s0")
+        assert config["lr"] == pytest.approx(0.1 * 8 / 384, rel=1e-5)
+        assert config["warmup_epochs"] == 0.2
     result = json.loads((out / "clean_retrain.json").read_text())
     row = result["rows"][0]
     for when in ("before", "after"):
@@ -31,7 +38,7 @@ def test_tiny_clean_and_retrain_loop(tmp_path):
     text = (out / "clean_retrain.md").read_text()
     assert "| before cleaning |" in text and "| after cleaning |" in text
     marks = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/result.json")}
-    again = _bench("clean_retrain", "--out", out, "--size", "tiny")
+    again = _bench("clean_retrain", "--out", out, "--size", "tiny", "--lr-rule", "paper")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "training" not in again.stdout and "sharding" not in again.stdout
     assert {p: p.stat().st_mtime_ns for p in marks} == marks
