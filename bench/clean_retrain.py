@@ -33,7 +33,15 @@ from pathlib import Path
 from statistics import mean, pstdev
 from typing import Any
 
-from bench.replicate import LR_RULES, Run, Size, _machine, _python, prepare_data, run_one
+from bench.replicate import (
+    Run,
+    Size,
+    _machine,
+    _python,
+    add_lr_rule_option,
+    prepare_data,
+    run_one,
+)
 from common.cli import ArgumentParser, run_cli, setup_logging
 from common.files import write_atomic
 from common.run_folder import DUPLICATES_DIR, NOISE_DIR
@@ -149,8 +157,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--z", type=float, default=DEFAULT_Z,
                         help="the duplicates report's cut (robust z of the closeness)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--lr-rule", choices=LR_RULES, default="demo",
-                        help="as bench.replicate's: demo (lr 0.1 at any batch) or paper")
+    add_lr_rule_option(parser)
     return parser
 
 

@@ -57,6 +57,7 @@ from common.run_folder import (
     read_metrics,
 )
 from train.checkpoint import list_checkpoints
+from train.config import DEFAULTS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MBF = '{"blocks": [1, 1, 1, 1], "scale": 1}'
@@ -65,7 +66,6 @@ BIN_FIRST_IDENTITY = 300_000
 FARS = ("0.001", "0.0001")
 PAPER_LR, PAPER_BATCH = 0.1, 384  # the paper's setting: lr 0.1 at batch 384
 PAPER_WARMUP_EPOCHS = 0.2
-LR_RULES = ("demo", "paper")
 
 
 @dataclass(frozen=True)
@@ -173,13 +173,34 @@ def prepare_data(out: Path, size: Size) -> dict[str, Path]:
     return paths
 
 
+def paper_lr(batch_size: int) -> float:
+    """The paper's lr per sample (0.1 at B = 384) at ``batch_size``."""
+    return PAPER_LR * batch_size / PAPER_BATCH
+
+
 def lr_flags(size: Size, lr_rule: str) -> tuple[str, ...]:
-    """``demo``: none (train's lr 0.1 at any batch); ``paper``: the paper's lr per sample
-    at this batch, with a linear warm-up."""
+    """``demo``: none (train's default lr at any batch); ``paper``: the paper's lr per
+    sample at this batch, with a linear warm-up."""
     if lr_rule == "demo":
         return ()
-    lr = PAPER_LR * size.batch_size / PAPER_BATCH
-    return ("--lr", f"{lr:.6g}", "--warmup-epochs", str(PAPER_WARMUP_EPOCHS))
+    return ("--lr", f"{paper_lr(size.batch_size):.6g}", "--warmup-epochs",
+            str(PAPER_WARMUP_EPOCHS))
+
+
+def describe_lr(size: Size, lr_rule: str) -> str:
+    """The lr a rule trains at, in words, for the tables' header."""
+    if lr_rule == "demo":
+        return f"lr {DEFAULTS['lr']}"
+    return f"lr {paper_lr(size.batch_size):.6g}, {PAPER_WARMUP_EPOCHS} epochs warm-up"
+
+
+def add_lr_rule_option(parser: ArgumentParser) -> None:
+    """``--lr-rule``, shared by this sweep and ``bench.clean_retrain``."""
+    parser.add_argument("--lr-rule", choices=("demo", "paper"), default="demo",
+                        help=f"demo: lr {DEFAULTS['lr']} at any batch (the recorded tables); "
+                             f"paper: the paper's lr per sample ({PAPER_LR} at B = "
+                             f"{PAPER_BATCH}) scaled to this batch, with "
+                             f"{PAPER_WARMUP_EPOCHS} epochs of linear warm-up")
 
 
 def train_flags(size: Size, device: str, lr_rule: str = "demo") -> tuple[str, ...]:
@@ -388,10 +409,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--size", choices=tuple(SIZES), default="full",
                         help="full: the sweep; tiny: two runs in seconds (tests)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
-    parser.add_argument("--lr-rule", choices=LR_RULES, default="demo",
-                        help="demo: lr 0.1 at any batch (the recorded tables); paper: the "
-                             "paper's lr per sample (0.1 at B = 384) scaled to this batch, "
-                             f"with {PAPER_WARMUP_EPOCHS} epochs of linear warm-up")
+    add_lr_rule_option(parser)
     parser.add_argument("--only", nargs="+", metavar="RUN",
                         help="train only these runs (names as in OUT/runs/); tables use "
                              "every finished run")
@@ -435,15 +453,14 @@ def write_tables(out: Path, results: dict[str, dict[str, Any]], size: Size,
         results.setdefault(result["name"], result)
     text, tables = build_tables(results, size.seeds)
     machine = _machine()
-    lr = lr_flags(size, args.lr_rule)
-    lr_text = f"lr {lr[1]}, {lr[3]} epochs warm-up" if lr else "lr 0.1"
     header = (f"python -m bench.replicate --out {out} --size {args.size} --device "
               f"{args.device} --lr-rule {args.lr_rule}\n\n"
               f"{machine['date']}, commit {machine['commit']}, "
               f"{machine['cpu']} ({machine['cores']} cores), torch {machine['torch']}; "
               f"{size.identities} identities x {size.images_per_identity} photos "
               f"({100 * size.mislabeled_share:.0f} % mislabeled), batch {size.batch_size}, "
-              f"{size.epochs} epoch(s), slim mbf D=128, {lr_text}\n\n")
+              f"{size.epochs} epoch(s), slim mbf D=128, "
+              f"{describe_lr(size, args.lr_rule)}\n\n")
     write_atomic(out / "tables.md", (header + text).encode())
     tables = {"machine": machine, "size": args.size, **tables}
     write_atomic(out / "tables.json", (json.dumps(tables, indent=1) + "\n").encode())
