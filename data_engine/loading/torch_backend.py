@@ -37,7 +37,7 @@ import torch
 import torch.multiprocessing as mp
 
 from common.errors import UserError, first_line
-from common.worker_tasks import tasks_until_done
+from common.worker_tasks import start_workers, tasks_until_done
 from data_engine.loading.batch import Batch, batch_from_pixels
 from data_engine.loading.cpu_decode import decode_step
 from data_engine.loading.epoch_plan import EpochPlan, StepPlan
@@ -171,8 +171,7 @@ class _Pool:
         self.outstanding = 0  # tasks sent whose result has not been received
         self._finalizer = weakref.finalize(self, _shutdown, self.procs, self.tasks, self.slots,
                                            gpu)
-        for proc in self.procs:
-            proc.start()
+        start_workers(self.procs)
         if gpu is not None:
             try:
                 with torch.cuda.device(gpu):  # else CUDA opens a context on GPU 0 for this

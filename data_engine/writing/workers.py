@@ -20,7 +20,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from common.errors import UserError
-from common.worker_tasks import tasks_until_done
+from common.worker_tasks import start_workers, tasks_until_done
 
 _POLL_S = 0.5  # how often a waiting parent calls its tick and a waiting worker checks its parent
 _IDLE = -1
@@ -61,8 +61,7 @@ class Workers:
                                        args=(slot, self._tasks, writer, lock, self._doing,
                                              initializer, initargs))
                        for slot in range(count)]
-        for proc in self._procs:
-            proc.start()
+        start_workers(self._procs)
         writer.close()  # the workers hold it; the parent only reads
 
     def __enter__(self) -> Workers:
