@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import signal
 
+import psutil
 import pytest
 
+from data_engine.layout import sidecar_path
+from tests.fault_helpers import strace_prefix
 from tests.helpers import run_module, start_module, wait_until
 from tests.shard_helpers import jpeg, output_bytes, read_back, write
 
@@ -16,8 +21,8 @@ ARGS = ["--src", "folder", "--shard-size", "40k", "--workers", "1"]
 
 @pytest.fixture(scope="module")
 def slow_tree(tmp_path_factory):
-    """Every identity has large JPEGs that must be resized (slow enough to interrupt) and a
-    few that pass through; one identity in the middle is entirely corrupt (relabelling)."""
+    """Every identity has large JPEGs that must be resized and a few that pass through; one
+    identity in the middle is entirely corrupt (relabelling)."""
     root = tmp_path_factory.mktemp("slow")
     big = jpeg(1, (400, 400))
     for person in range(16):
@@ -43,20 +48,33 @@ def reference(slow_tree, tmp_path_factory):
 
 
 def test_interrupt_then_rerun_is_identical(slow_tree, reference, tmp_path, run_cli):
+    """Ctrl-C with shards 0-2 committed and shard 3 being written. The one worker stops
+    (SIGSTOP) at its first write into shard 3, so the signal lands mid-run however fast the
+    machine (the whole job takes well under a second); Ctrl-C is the main process's to
+    handle (a worker ignores it), so the test signals that process alone."""
     out = tmp_path / "interrupted"
-    process = start_module(MODULE, *ARGS, "--root", slow_tree, "--out", out)
-    wait_until((out / "parts" / "shard-000001.json").exists, process, timeout=60)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
+    temp = out / ".shard-000003.tar.tmp"
+    prefix = strace_prefix(temp, "write", tmp_path / "strace.txt", "signal=SIGSTOP", when="1")
+    process = start_module(MODULE, *ARGS, "--root", slow_tree, "--out", out, prefix=prefix,
+                           start_new_session=True)
+    committed = [f"shard-{i:06d}.tar" for i in range(3)]
+    try:
+        wait_until(lambda: temp.is_file() and all(sidecar_path(out, name).is_file()
+                                                  for name in committed), process)
+        (main,) = psutil.Process(process.pid).children()  # strace's child: the CLI's process
+        main.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:  # a failure leaves no stopped worker behind
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 130, stderr
     assert stderr.strip().splitlines()[-1] == "data_engine.shard: interrupted"
     assert not (out / "manifest.json").exists(), "the run finished before the interrupt"
     assert not list(out.glob(".*")) and not list((out / "parts").glob(".*"))  # no temp files
-    done = sorted(p.name for p in out.glob("shard-*.tar"))
-    assert done
+    assert sorted(p.name for p in out.glob("shard-*.tar")) == committed  # kept, and no more
 
     result = _run(slow_tree, out, run_cli)
-    assert f"{len(done)} already done" in result.stderr
+    assert "3 already done" in result.stderr
     assert output_bytes(out) == output_bytes(reference)
 
 
