@@ -4,10 +4,13 @@ checked unchanged when the session ends)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -22,6 +25,28 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 @pytest.fixture
 def run_cli():
     return run_module
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_process_outlives_the_tests() -> Iterator[None]:
+    """Kill, and name, whatever the tests left running: a forked worker stuck after a failed
+    test would hold the output pipe of whoever runs the suite (CI waits for it to close)
+    long after pytest itself has exited."""
+    yield
+    left = psutil.Process().children(recursive=True)
+    named = [f"{process.pid} {_command(process)}" for process in left]
+    for process in left:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    if left:
+        warnings.warn(f"killed {len(left)} processes the tests left running: "
+                      + "; ".join(named), stacklevel=1)
+
+
+def _command(process: psutil.Process) -> str:
+    with contextlib.suppress(psutil.Error):
+        return " ".join(process.cmdline())[:200]
+    return "(gone)"
 
 
 def _shared(path: Path) -> Iterator[Path]:

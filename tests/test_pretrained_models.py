@@ -10,7 +10,6 @@ of a DistributedDataParallel model). All of them must give the same features thr
 from __future__ import annotations
 
 import json
-import socket
 
 import numpy as np
 import onnx
@@ -141,12 +140,6 @@ def test_raw_pixel_onnx_is_detected_and_the_flag_overrides_it(run, synth_ijb, re
     assert not np.allclose(auto(images, flip=False), forced(images, flip=False), rtol=1e-2)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_arcface_torch_state_dict_loads_with_network(tmp_path):
     """Saved as arcface_torch's train_v2.py saves model.pt: the DDP model's .module state."""
     import torch.distributed as dist
@@ -155,7 +148,8 @@ def test_arcface_torch_state_dict_loads_with_network(tmp_path):
     from model.backbones import get_model
 
     torch.manual_seed(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+    # a file rendezvous: a free port picked here could be taken by another test's store
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
                             world_size=1)
     try:
         backbone = DistributedDataParallel(get_model("mbf", embedding_size=512))
