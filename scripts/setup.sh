@@ -9,9 +9,10 @@ torch_spec=${TORCH_SPEC:-torch==2.13.0}
 stamp=".venv/.installed-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
     echo "setup: installing into .venv (first run takes a few minutes)" >&2
-    .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q "$torch_spec"
-    .venv/bin/python -m pip install -q -e '.[dev]'
+    # -qq: errors only (a pip config naming absent local indexes warns once per package)
+    .venv/bin/python -m pip install -qq --upgrade pip
+    .venv/bin/python -m pip install -qq "$torch_spec"
+    .venv/bin/python -m pip install -qq -e '.[dev]'
     rm -f .venv/.installed-*
     touch "$stamp"
 fi
