@@ -5,6 +5,7 @@ checked unchanged when the session ends)."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import warnings
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ def _no_process_outlives_the_tests() -> Iterator[None]:
     test would hold the output pipe of whoever runs the suite (CI waits for it to close)
     long after pytest itself has exited."""
     yield
+    gc.collect()  # loaders the tests dropped stop their workers as they are collected
     left = psutil.Process().children(recursive=True)
     named = [f"{process.pid} {_command(process)}" for process in left]
     for process in left:
