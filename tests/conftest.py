@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import signal
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,12 @@ import torch
 
 from tests.helpers import SYNTHETIC_SHARDS, assert_ok, run_module, tree_bytes
 from tests.shard_helpers import FACE_COUNTS, face_tree, shard_folder
+
+# Ctrl-C reaches the CLIs under test as a terminal delivers it, also when the suite itself
+# runs as a background job: a non-interactive shell starts `cmd &` with SIGINT ignored, every
+# child inherits that, and Python then never raises KeyboardInterrupt.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # The in-process tests on one torch thread too, as module_env gives every CLI under test: on
 # two busy cores a second thread makes tiny steps several times slower, never faster.
