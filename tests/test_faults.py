@@ -128,11 +128,11 @@ def _shards_intact(out: Path) -> list[str]:
 def test_kill9_while_writing_a_shard(sharded, tmp_path):
     """Killed with shards 0-2 committed and shard 3's temp file open: the three stay intact,
     and the rerun keeps them and ends byte-identical to an uninterrupted run."""
-    from data_engine.layout import sidecar_path
+    from data_engine.layout import shard_name, sidecar_path
 
     out = tmp_path / "shards"
     temp = out / ".shard-000003.tar.tmp"
-    committed = [f"shard-{i:06d}.tar" for i in range(3)]
+    committed = [shard_name(i) for i in range(3)]
     # The one worker writes the shards in plan order and freezes at its first write into
     # shard 3, while this job's main process commits shards 0-2 (fsync, rename, sidecar).
     prefix = strace_prefix(temp, "write", tmp_path / "strace.txt", FREEZE)

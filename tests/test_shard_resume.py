@@ -9,7 +9,7 @@ import signal
 import psutil
 import pytest
 
-from data_engine.layout import sidecar_path
+from data_engine.layout import shard_name, sidecar_path
 from tests.helpers import run_module, start_module, wait_until
 from tests.shard_helpers import jpeg, output_bytes, read_back, write
 
@@ -54,7 +54,7 @@ def test_interrupt_then_rerun_is_identical(slow_tree, reference, tmp_path, run_c
     out = tmp_path / "interrupted"
     process = start_module(MODULE, *ARGS, "--root", slow_tree, "--out", out)
     try:
-        wait_until(lambda: all(sidecar_path(out, f"shard-{i:06d}.tar").is_file()
+        wait_until(lambda: all(sidecar_path(out, shard_name(i)).is_file()
                                for i in range(3)), process)
         for worker in psutil.Process(process.pid).children():
             worker.suspend()
@@ -70,7 +70,7 @@ def test_interrupt_then_rerun_is_identical(slow_tree, reference, tmp_path, run_c
     assert not (out / "manifest.json").exists(), "the run finished before the interrupt"
     assert not list(out.glob(".*")) and not list((out / "parts").glob(".*"))  # no temp files
     done = sorted(p.name for p in out.glob("shard-*.tar"))
-    assert len(done) >= 3 and done == [f"shard-{i:06d}.tar" for i in range(len(done))]
+    assert len(done) >= 3 and done == [shard_name(i) for i in range(len(done))]
 
     result = _run(slow_tree, out, run_cli)
     assert f"{len(done)} already done" in result.stderr

@@ -7,9 +7,9 @@ step the watcher sees. Epoch 1 warms up (allocator pools, first checkpoint) and 
 step shuts down; over the steps in between, growth along the median slope of the samples
 must stay under the bounds below, which are far under what one leaked loader, batch or
 checkpoint buffer per epoch would add up to, while one late or early sample cannot fail it.
-Resident memory dips and recovers by up to 50 MB between steps without leaking (a 40-epoch
+Resident memory dips and recovers by up to 58 MiB between steps without leaking (a 40-epoch
 run is flat), so the trend takes about 29 samples: over 11 such samples a leak-free run's
-trend reached 27 MB.
+trend reached 27 MiB, over 29 at most 3 MiB.
 Meanwhile metrics.jsonl is read as a live reader would, and only ever holds whole lines.
 """
 
